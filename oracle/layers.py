@@ -1,0 +1,126 @@
+"""Locate a causal LM's decoder layer list and run it with chosen layers skipped.
+
+Skipping rebinds the model's layer ``ModuleList`` to the kept layers (no weight copies, no zeroing) and
+narrows ``config.num_hidden_layers`` / ``config.layer_types`` so every kept layer keeps its own attention
+type (Gemma 2/3 interleave sliding and full attention).
+
+Example:
+    >>> with skip_layers(model, np.array([True, False, True])):
+    ...     out = model(input_ids, use_cache=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import MaskError, UnsupportedModelError
+
+# model_type -> dotted path of the decoder layer ModuleList from the CausalLM object.
+LAYER_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "opt": "model.decoder.layers",
+    "gpt_neox": "gpt_neox.layers",
+}
+
+
+@dataclass(frozen=True)
+class LayerHandle:
+    """Where a model keeps its decoder layers: ``getattr(parent, attr)`` is the full ``ModuleList``."""
+
+    parent: nn.Module
+    attr: str
+    layers: nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def find_layers(model: nn.Module) -> LayerHandle:
+    """Return the decoder layer list of a supported Hugging Face causal LM."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = LAYER_PATHS.get(model_type or "")
+    if path is None:
+        supported = ", ".join(sorted(LAYER_PATHS))
+        raise UnsupportedModelError(
+            f"layershap does not know where model_type={model_type!r} keeps its decoder layers "
+            f"(class {type(model).__name__}). Supported model types: {supported}."
+        )
+    parent_path, attr = path.rsplit(".", 1)
+    parent = model
+    for part in parent_path.split("."):
+        parent = getattr(parent, part)
+    layers = getattr(parent, attr)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__}.{path} is {type(layers).__name__}, not a ModuleList")
+    return LayerHandle(parent=parent, attr=attr, layers=layers)
+
+
+def layer_types(model: nn.Module) -> list[str]:
+    """Per-layer attention types (``config.layer_types``), or ``full_attention`` for every layer."""
+    n = find_layers(model).n_layers
+    types = getattr(_text_config(model), "layer_types", None)
+    return list(types) if types is not None else ["full_attention"] * n
+
+
+def check_masks(masks: np.ndarray | torch.Tensor, n_layers: int) -> np.ndarray:
+    """Validate masks and return them as ``bool[k, n_layers]`` (a 1-D mask becomes one row)."""
+    arr = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise MaskError(f"masks must be shaped (k, n_layers); got an array of shape {arr.shape}")
+    if arr.shape[1] != n_layers:
+        raise MaskError(
+            f"mask length {arr.shape[1]} does not match the model's {n_layers} decoder layers; "
+            f"give one True/False (1/0) per layer, True = keep"
+        )
+    if arr.dtype != bool:
+        if not np.isin(arr, (0, 1)).all():
+            raise MaskError("masks must contain only True/False or 0/1 values")
+        arr = arr.astype(bool)
+    return arr
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@contextlib.contextmanager
+def skip_layers(model: nn.Module, mask: np.ndarray) -> Iterator[None]:
+    """Temporarily run ``model`` with only the layers where ``mask`` is True.
+
+    Restores the original layer list and config on exit, also after an exception.
+    """
+    handle = find_layers(model)
+    keep = check_masks(mask, handle.n_layers)[0]
+    config = _text_config(model)
+    saved_types = getattr(config, "layer_types", None)
+    saved_n = config.num_hidden_layers
+    kept = [layer for layer, k in zip(handle.layers, keep) if k]
+    setattr(handle.parent, handle.attr, nn.ModuleList(kept))
+    try:
+        config.num_hidden_layers = len(kept)
+        if saved_types is not None:
+            config.layer_types = [t for t, k in zip(saved_types, keep) if k]
+        yield
+    finally:
+        setattr(handle.parent, handle.attr, handle.layers)
+        config.num_hidden_layers = saved_n
+        if saved_types is not None:
+            config.layer_types = saved_types

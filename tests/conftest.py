@@ -1,0 +1,102 @@
+"""Shared test fixtures: tiny random causal LMs of every supported architecture, and a tokenizer built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 320
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt", "gpt_neox"]
+
+
+def tiny_config(arch: str, n_layers: int = 4, vocab: int = TINY_VOCAB):
+    """A tiny transformers config (hidden 32) of ``arch``; Gemma 2/3 get mixed sliding/full layers."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, num_hidden_layers=n_layers, num_attention_heads=2)
+    llama_like = dict(common, hidden_size=32, intermediate_size=64, num_key_value_heads=1,
+                      max_position_embeddings=256)
+    mixed = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=16)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=4, layer_types=mixed)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**llama_like, head_dim=16, sliding_window=4, layer_types=mixed)
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like, pad_token_id=0)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_layer=n_layers, n_head=2, n_embd=32, n_positions=256)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=vocab, num_hidden_layers=n_layers, num_attention_heads=2, hidden_size=32,
+                            ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**common, hidden_size=32, intermediate_size=64, max_position_embeddings=256)
+    raise ValueError(f"no tiny config for {arch}")
+
+
+def make_tiny_model(arch: str = "llama", n_layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM in eval mode, float32, weights scaled so layers matter."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, n_layers), dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default init so that skipping a layer visibly changes the loss
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def make_tiny_tokenizer(text: str | None = None):
+    """A byte-level BPE tokenizer trained in-process (no hub) with ``<s>`` as BOS, vocab <= TINY_VOCAB."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if text is None:
+        from pydoc_data.topics import topics
+
+        text = "\n".join(list(topics.values())[:40])
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_model_dir(path: Path, arch: str = "llama", n_layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny model plus tokenizer with ``save_pretrained`` so it loads like a local checkpoint."""
+    model = make_tiny_model(arch, n_layers, seed)
+    tokenizer = make_tiny_tokenizer()
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny 4-layer Llama + tokenizer directory shared by the whole test session."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", 4, 0)
