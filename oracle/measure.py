@@ -1,0 +1,143 @@
+"""Measure layer masks with the real model and append each finished row to the dataset store.
+
+Example:
+    >>> ev = MaskedEvaluator(loaded.model, windows, batch_size=4)
+    >>> store = DatasetStore.create_or_open(out, dataset_identity(loaded, text.text_id, windows, 128), windows)
+    >>> measure_masks(ev, store, loo_masks(ev.n_layers))      # rows added; already stored masks are skipped
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import MaskError
+from .layers import check_masks, find_layers, layer_types
+
+# Masks per evaluator call: enough for prefix sharing to pay, few enough that a kill loses little work.
+MASKS_PER_CALL = 8
+
+if TYPE_CHECKING:
+    from .evaluate import MaskedEvaluator
+    from .loading import LoadedModel
+    from .store import DatasetStore
+
+
+def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq_len: int) -> dict:
+    """The identity attributes of a store measured with ``loaded`` on ``windows`` cut from text ``text_id``.
+
+    Example:
+        >>> ident = dataset_identity(loaded, "builtin", windows, seq_len=128)
+        >>> DatasetStore.create_or_open("x.zarr", ident, windows)
+    """
+    from .text import windows_sha256
+
+    model = loaded.model
+    windows = np.asarray(windows)
+    return {
+        "model_id": loaded.model_id,
+        "model_hash": loaded.model_hash,
+        "n_layers": find_layers(model).n_layers,
+        "layer_types": layer_types(model),
+        "text_id": text_id,
+        "windows_sha256": windows_sha256(windows),
+        "n_windows": int(windows.shape[0]),
+        "seq_len": int(seq_len),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def unique_rows(masks: np.ndarray) -> np.ndarray:
+    """``masks`` without repeated rows, first occurrences in their original order.
+
+    Example:
+        >>> unique_rows(np.array([[1, 0], [1, 0], [0, 1]], bool)).astype(int).tolist()
+        [[1, 0], [0, 1]]
+    """
+    seen: set[bytes] = set()
+    keep = []
+    for i, row in enumerate(masks):
+        key = row.tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return masks[keep]
+
+
+def measure_masks(
+    evaluator: MaskedEvaluator,
+    store: DatasetStore,
+    masks: np.ndarray,
+    progress: bool = True,
+    masks_per_call: int = MASKS_PER_CALL,
+) -> int:
+    """Evaluate the masks not yet in ``store``, in request order, appending rows as they finish.
+
+    Masks go to the evaluator in groups of ``masks_per_call`` (so masks sharing their first kept layers
+    share that computation); each group is committed as soon as it is measured, and each row's
+    ``seconds`` is its share of the group's wall-clock time. Repeated masks in the request are measured
+    once. Returns the number of rows added. Killing the process loses at most the group being measured;
+    running again measures only what is missing.
+
+    Example:
+        >>> measure_masks(evaluator, store, parse_mask_spec("loo", store.n_layers, None, 0))
+        19
+    """
+    if evaluator.n_layers != store.n_layers:
+        raise MaskError(
+            f"the model has {evaluator.n_layers} decoder layers but the store {store.path} holds "
+            f"{store.n_layers}-layer masks; use the store's model or another store"
+        )
+    arr = check_masks(masks, store.n_layers)
+    todo = unique_rows(arr)
+    todo = todo[store.missing(todo)]
+    if len(todo) == 0:
+        return 0
+    from tqdm.auto import tqdm
+
+    if masks_per_call < 1:
+        raise ValueError(f"masks_per_call must be >= 1, got {masks_per_call}")
+    bar = tqdm(total=len(todo), unit="mask", desc="measuring masks", disable=not progress, dynamic_ncols=True)
+    added = 0
+    try:
+        for start in range(0, len(todo), masks_per_call):
+            group = todo[start : start + masks_per_call]
+            began = time.perf_counter()
+            nll = evaluator.nll(group)
+            seconds = np.full(len(group), (time.perf_counter() - began) / len(group))
+            store.append(group, nll, seconds)
+            added += len(group)
+            bar.set_postfix(best_nll=f"{store.nll.min():.3f}", refresh=False)
+            bar.update(len(group))
+    finally:
+        bar.close()
+    return added
+
+
+class StoreOracle:
+    """Value function ``-nll`` backed by a dataset store: masks not stored yet are measured and appended first.
+
+    Every mask is run through the model at most once per store, across calls and across runs.
+
+    Example:
+        >>> oracle = StoreOracle(evaluator, store)
+        >>> oracle(masks)            # -nll per mask; new rows land in the store
+    """
+
+    def __init__(self, evaluator: MaskedEvaluator, store: DatasetStore, progress: bool = True) -> None:
+        self.evaluator = evaluator
+        self.store = store
+        self.progress = progress
+        self.n_layers = store.n_layers
+
+    def nll(self, masks: np.ndarray) -> np.ndarray:
+        """Stored mean NLL of each mask (measuring the missing ones first): ``float64[k]``."""
+        arr = check_masks(masks, self.n_layers)
+        measure_masks(self.evaluator, self.store, arr, progress=self.progress)
+        lookup = {row.tobytes(): float(v) for row, v in zip(self.store.masks, self.store.nll)}
+        return np.array([lookup[row.tobytes()] for row in arr], dtype=np.float64)
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        return -self.nll(masks)

@@ -1,0 +1,310 @@
+"""The dataset store: one zarr v3 group of ``(mask, nll)`` rows measured on one model, text and window set.
+
+Layout (DESIGN.md, "Dataset store")::
+
+    STORE.zarr/            group attributes: schema_version, package_version, identity (model_id, model_hash,
+                           n_layers, layer_types, text_id, windows_sha256, n_windows, seq_len, dtype), n_rows
+        masks   (N, n)     bool, True = layer kept
+        nll     (N,)       float64, mean token NLL in nats (log-perplexity)
+        seconds (N,)       float64, wall-clock seconds the measurement took
+        windows (W, L)     int64, the exact token windows every mask was measured on
+
+Crash safety: ``n_rows`` (the committed row count) is written only after the row data, and zarr's
+``LocalStore`` writes every file through a temporary file + ``os.replace``, so each write is atomic.
+Rows beyond ``n_rows`` (an append killed half-way) are ignored and overwritten by the next append. A new
+store is built in a hidden sibling folder and renamed into place, so a half-created store never exists.
+
+Example:
+    >>> store = DatasetStore.create_or_open("runs/x.zarr", identity, windows)
+    >>> todo = masks[store.missing(masks)]
+    >>> store.append(todo[:1], np.array([2.91]), np.array([7.2]))
+    >>> len(store), store.nll
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import LayershapError, StoreMismatchError
+from .layers import check_masks
+
+SCHEMA_VERSION = 1
+ROWS_ATTR = "n_rows"
+IDENTITY_KEYS = (
+    "model_id", "model_hash", "n_layers", "layer_types", "text_id", "windows_sha256", "n_windows", "seq_len", "dtype",
+)
+# Keys that must agree for two runs to share a store. model_id may differ (same weights under another path);
+# dtype is checked because float32 and bfloat16 measurements must never be mixed silently.
+MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype")
+ROW_CHUNK = 512
+
+
+def package_version() -> str:
+    """Installed layershap version, or ``unknown`` when running from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("layershap")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types (zarr attributes reject numpy scalars)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _check_identity(identity: dict) -> dict:
+    missing = [k for k in IDENTITY_KEYS if k not in identity]
+    if missing:
+        raise ValueError(f"store identity lacks keys {missing}; it needs all of {list(IDENTITY_KEYS)}")
+    ident = {k: _jsonable(v) for k, v in identity.items()}
+    if len(ident["layer_types"]) != ident["n_layers"]:
+        raise ValueError(f"identity has {len(ident['layer_types'])} layer_types for n_layers={ident['n_layers']}")
+    return ident
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class DatasetStore:
+    """Rows of measured layer masks for one (model, text, windows) identity; see the module docstring."""
+
+    def __init__(self, path: str | Path, writable: bool) -> None:
+        """Open an existing store; use :meth:`open` or :meth:`create_or_open` instead of calling this."""
+        import zarr
+        from zarr.errors import ContainsArrayError, GroupNotFoundError
+
+        self.path = Path(path)
+        self.writable = writable
+        if not self.path.exists():
+            raise LayershapError(f"no dataset store at {self.path}: the path does not exist")
+        try:
+            self._group = zarr.open_group(str(self.path), mode="r+" if writable else "r")
+        except (GroupNotFoundError, ContainsArrayError, FileNotFoundError, NotADirectoryError) as exc:
+            raise LayershapError(
+                f"{self.path} is not a layershap dataset store (no zarr group there: {exc}); "
+                f"give the path of a store written by `layershap oracle`, or a new path to create one"
+            ) from exc
+        attrs = dict(self._group.attrs)
+        if "schema_version" not in attrs or ROWS_ATTR not in attrs:
+            raise LayershapError(
+                f"{self.path} is a zarr group but not a layershap dataset store (no schema_version/{ROWS_ATTR} "
+                f"attributes); use another --out path"
+            )
+        if attrs["schema_version"] != SCHEMA_VERSION:
+            raise LayershapError(
+                f"{self.path} has store schema version {attrs['schema_version']}, this layershap reads version "
+                f"{SCHEMA_VERSION}; use the layershap version that wrote it ({attrs.get('package_version')}) "
+                f"or another --out path"
+            )
+        self._attrs = attrs
+        self.n_layers = int(attrs["n_layers"])
+        n_rows = int(attrs[ROWS_ATTR])
+        try:
+            self._arrays = {name: self._group[name] for name in ("masks", "nll", "seconds", "windows")}
+        except KeyError as exc:
+            raise LayershapError(f"dataset store {self.path} is damaged: array {exc} is missing") from exc
+        for name in ("masks", "nll", "seconds"):
+            if self._arrays[name].shape[0] < n_rows:
+                raise LayershapError(
+                    f"dataset store {self.path} is damaged: {name} has {self._arrays[name].shape[0]} rows "
+                    f"but {n_rows} are committed"
+                )
+        if self._arrays["masks"].shape[1] != self.n_layers:
+            raise LayershapError(f"dataset store {self.path} is damaged: masks are not {self.n_layers} wide")
+        self._masks = np.asarray(self._arrays["masks"][:n_rows], dtype=bool)
+        self._nll = np.asarray(self._arrays["nll"][:n_rows], dtype=np.float64)
+        self._seconds = np.asarray(self._arrays["seconds"][:n_rows], dtype=np.float64)
+        self._keys = {row.tobytes() for row in self._masks}
+        self._windows: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path) -> DatasetStore:
+        """Open an existing store read-only; a missing path or a non-store is a clear :class:`LayershapError`.
+
+        Example:
+            >>> store = DatasetStore.open("runs/default/dataset.zarr"); len(store)
+        """
+        return cls(path, writable=False)
+
+    @classmethod
+    def create_or_open(cls, path: str | Path, identity: dict, windows: np.ndarray) -> DatasetStore:
+        """Open the store at ``path`` for appending, creating it when absent.
+
+        An existing store must have been built for the same model hash, text, windows, layer count and
+        dtype, else :class:`StoreMismatchError` (naming both values) is raised and nothing is written.
+
+        Example:
+            >>> store = DatasetStore.create_or_open("x.zarr", identity, windows)   # windows: int64[W, L]
+        """
+        ident = _check_identity(identity)
+        windows = np.asarray(windows)
+        if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+            raise ValueError(f"windows must be an int array [W, L]; got {windows.dtype} {windows.shape}")
+        if windows.shape[0] != ident["n_windows"]:
+            raise ValueError(f"identity says n_windows={ident['n_windows']} but windows has {windows.shape[0]} rows")
+        from .text import windows_sha256
+
+        if windows_sha256(windows) != ident["windows_sha256"]:
+            raise ValueError("identity's windows_sha256 is not the sha256 of the windows passed in")
+        path = Path(path)
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            cls._create(path, ident, windows.astype(np.int64))
+        store = cls(path, writable=True)
+        store.check_identity(ident)
+        return store
+
+    @classmethod
+    def _create(cls, path: Path, ident: dict, windows: np.ndarray) -> None:
+        """Build the store in a hidden sibling folder, then rename it into place (atomic)."""
+        import zarr
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
+        try:
+            group = zarr.open_group(str(tmp), mode="w-")
+            n = ident["n_layers"]
+            group.create_array("masks", shape=(0, n), dtype=bool, chunks=(ROW_CHUNK, max(n, 1)), fill_value=False)
+            group.create_array("nll", shape=(0,), dtype=np.float64, chunks=(ROW_CHUNK,), fill_value=np.nan)
+            group.create_array("seconds", shape=(0,), dtype=np.float64, chunks=(ROW_CHUNK,), fill_value=np.nan)
+            group.create_array("windows", data=windows, chunks=windows.shape)
+            group.update_attributes(
+                {"schema_version": SCHEMA_VERSION, "package_version": package_version(), **ident, ROWS_ATTR: 0}
+            )
+            try:
+                os.rename(tmp, path)  # replaces a missing path or an empty folder; fails on a non-empty one
+            except OSError:
+                if not (path / "zarr.json").exists():
+                    raise
+                # another writer created the store first: open theirs (and check its identity)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    def check_identity(self, identity: dict) -> None:
+        """Raise :class:`StoreMismatchError` (naming both values) where ``identity`` disagrees with the store.
+
+        Compares the keys of ``identity`` among model_hash, text_id, windows_sha256, n_layers, dtype,
+        n_windows and seq_len; a partial identity allows a cheap check before the model is loaded.
+
+        Example:
+            >>> store.check_identity({"text_id": "builtin", "seq_len": 128})
+        """
+        keys = [k for k in (*MATCH_KEYS, "n_windows", "seq_len") if k in identity]
+        wanted = {k: _jsonable(identity[k]) for k in keys}
+        diffs = [(k, self._attrs.get(k), wanted[k]) for k in keys if self._attrs.get(k) != wanted[k]]
+        if diffs:
+            lines = "; ".join(f"{k}: store has {_short(a)}, this run has {_short(b)}" for k, a, b in diffs)
+            raise StoreMismatchError(
+                f"the dataset store {self.path} was built for another model/text/windows ({lines}). "
+                f"Masks measured under different conditions must not be mixed: use another --out path "
+                f"(or the --model/--text/--windows/--seq-len/--seed/--device the store was made with). "
+                f"Nothing in the store was changed."
+            )
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def attrs(self) -> dict:
+        """A copy of the group attributes (identity, schema_version, package_version, n_rows)."""
+        return dict(self._attrs)
+
+    @property
+    def identity(self) -> dict:
+        """The identity attributes the store was created with."""
+        return {k: self._attrs[k] for k in IDENTITY_KEYS}
+
+    def __len__(self) -> int:
+        return len(self._nll)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """``bool[N, n_layers]`` of the committed rows (a copy)."""
+        return self._masks.copy()
+
+    @property
+    def nll(self) -> np.ndarray:
+        """``float64[N]`` mean token NLL (nats) of the committed rows (a copy)."""
+        return self._nll.copy()
+
+    @property
+    def seconds(self) -> np.ndarray:
+        """``float64[N]`` seconds each committed row took to measure (a copy)."""
+        return self._seconds.copy()
+
+    @property
+    def windows(self) -> np.ndarray:
+        """``int64[W, L]`` token windows every mask was measured on."""
+        if self._windows is None:
+            self._windows = np.asarray(self._arrays["windows"][:], dtype=np.int64)
+        return self._windows.copy()
+
+    def missing(self, masks: np.ndarray) -> np.ndarray:
+        """``bool[k]``: True where a mask is not stored yet (wrong mask length -> MaskError).
+
+        Example:
+            >>> todo = masks[store.missing(masks)]
+        """
+        arr = check_masks(masks, self.n_layers)
+        return np.array([row.tobytes() not in self._keys for row in arr], dtype=bool)
+
+    def content_hash(self) -> str:
+        """sha256 over the identity attributes and the committed masks and nll values (in row order)."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.identity, sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self._masks, dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(self._nll, dtype="<f8").tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ writing
+    def append(self, masks: np.ndarray, nll: np.ndarray, seconds: np.ndarray) -> None:
+        """Add finished rows; crash-safe (SIGKILL loses no committed row and never leaves a duplicate).
+
+        Masks already stored (or repeated within ``masks``) raise ``ValueError``: callers filter with
+        :meth:`missing` first.
+
+        Example:
+            >>> store.append(np.ones((1, store.n_layers), bool), np.array([2.9]), np.array([6.8]))
+        """
+        if not self.writable:
+            raise ValueError(f"{self.path} was opened read-only; use DatasetStore.create_or_open to append")
+        arr = check_masks(masks, self.n_layers)
+        nll = np.asarray(nll, dtype=np.float64).reshape(-1)
+        seconds = np.asarray(seconds, dtype=np.float64).reshape(-1)
+        k = len(arr)
+        if len(nll) != k or len(seconds) != k:
+            raise ValueError(f"append got {k} masks, {len(nll)} nll values and {len(seconds)} seconds values")
+        if not np.isfinite(nll).all():
+            raise ValueError("append got non-finite nll values; only finished, finite measurements are stored")
+        keys = [row.tobytes() for row in arr]
+        if len(set(keys)) != k or any(key in self._keys for key in keys):
+            raise ValueError("append got masks that are already stored or repeated; filter with missing() first")
+        if k == 0:
+            return
+        start, end = len(self), len(self) + k
+        for name, data in (("masks", arr), ("nll", nll), ("seconds", seconds)):
+            zarr_array = self._arrays[name]
+            if zarr_array.shape[0] < end:
+                zarr_array.resize((end, *zarr_array.shape[1:]))
+            zarr_array[start:end] = data
+        self._group.update_attributes({ROWS_ATTR: end})  # the commit: an atomic rewrite of the group's zarr.json
+        self._attrs[ROWS_ATTR] = end
+        self._masks = np.concatenate([self._masks, arr])
+        self._nll = np.concatenate([self._nll, nll])
+        self._seconds = np.concatenate([self._seconds, seconds])
+        self._keys.update(keys)
