@@ -1,0 +1,192 @@
+"""A trained surrogate ensemble on disk and in memory: ``metadata.json`` + one ``member_<i>.pt`` state dict
+per member. Loading needs only torch (no Lightning).
+
+Example:
+    >>> sur = load_surrogate("runs/default/surrogate")
+    >>> sur.predict_nll(masks), sur.predict_std(masks)     # float64[k]: ensemble mean and spread (nats)
+    >>> sur(masks)                                         # value function: -nll, higher = better
+    >>> sur.check_store(DatasetStore.open("runs/default/dataset.zarr"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
+from layershap.oracle.layers import check_masks
+
+from .network import MaskNet, encode_masks
+
+if TYPE_CHECKING:
+    from layershap.oracle.store import DatasetStore
+
+FORMAT = "layershap-surrogate"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+# Masks per forward pass: 65536 x hidden 256 float32 activations = 64 MB per layer.
+PREDICT_CHUNK = 65536
+
+
+class Surrogate:
+    """An ensemble of :class:`MaskNet` members that predicts a model's nll for any layer mask.
+
+    ``metadata`` holds model_id, model_hash, n_layers, dataset_hash, nll_mean, nll_std, removed_counts
+    (sorted removed-layer counts of the training rows), architecture, training and metrics.
+    """
+
+    def __init__(self, nets: list[MaskNet], metadata: dict, chunk_size: int = PREDICT_CHUNK) -> None:
+        if not nets:
+            raise ValueError("a surrogate needs at least one member network")
+        self.nets = [net.eval() for net in nets]
+        self.metadata = metadata
+        self.n_layers = int(metadata["n_layers"])
+        if any(net.n_layers != self.n_layers for net in nets):
+            raise ValueError("member networks disagree with metadata n_layers")
+        self.nll_mean = float(metadata["nll_mean"])
+        self.nll_std = float(metadata["nll_std"])
+        self.chunk_size = chunk_size
+
+    @property
+    def members(self) -> int:
+        return len(self.nets)
+
+    @property
+    def removed_counts(self) -> list[int]:
+        return list(self.metadata["removed_counts"])
+
+    def __repr__(self) -> str:
+        return (
+            f"Surrogate(model_id={self.metadata.get('model_id')!r}, n_layers={self.n_layers}, "
+            f"members={self.members}, removed_counts={self.removed_counts})"
+        )
+
+    # ---------------------------------------------------------------- queries
+    def _check(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        arr = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        width = arr.shape[-1] if arr.ndim >= 1 else None
+        if width != self.n_layers:
+            raise MaskError(
+                f"this surrogate was trained for a model with {self.n_layers} decoder layers "
+                f"({self.metadata.get('model_id')}); got masks of length {width}. Give one True/False per layer"
+            )
+        return check_masks(arr, self.n_layers)
+
+    def predict(self, masks: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Ensemble mean nll and member spread (sample std; 0 for one member), both ``float64[k]`` in nats.
+
+        Works in chunks of ``chunk_size`` masks under ``torch.inference_mode``.
+
+        Example:
+            >>> mean, std = sur.predict(np.ones((1, sur.n_layers), bool))
+        """
+        arr = self._check(masks)
+        k = len(arr)
+        mean = np.empty(k, dtype=np.float64)
+        std = np.zeros(k, dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, k, self.chunk_size):
+                x = encode_masks(arr[start : start + self.chunk_size])
+                outs = torch.stack([net(x) for net in self.nets])  # [members, chunk], standardized
+                mean[start : start + len(x)] = outs.mean(dim=0).double().numpy()
+                if len(self.nets) > 1:
+                    std[start : start + len(x)] = outs.std(dim=0).double().numpy()
+        return mean * self.nll_std + self.nll_mean, std * self.nll_std
+
+    def predict_nll(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Predicted mean token nll (nats), ensemble mean: ``float64[k]``."""
+        return self.predict(masks)[0]
+
+    def predict_std(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Spread of the members' predictions (nats): ``float64[k]``, 0 for a single member."""
+        return self.predict(masks)[1]
+
+    def __call__(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Value function for Shapley estimators: ``-predict_nll(masks)`` (higher = better)."""
+        return -self.predict_nll(masks)
+
+    # ---------------------------------------------------------------- provenance
+    def check_store(self, store: DatasetStore) -> None:
+        """Raise :class:`StoreMismatchError` if ``store`` was measured on another model or layer count.
+
+        Example:
+            >>> sur.check_store(DatasetStore.open("runs/default/dataset.zarr"))
+        """
+        attrs = store.attrs
+        diffs = [
+            f"{key}: surrogate has {self.metadata.get(key)!r}, store has {attrs.get(key)!r}"
+            for key in ("model_hash", "n_layers")
+            if self.metadata.get(key) != attrs.get(key)
+        ]
+        if diffs:
+            raise StoreMismatchError(
+                f"the surrogate was trained for another model than the store {getattr(store, 'path', '')} "
+                f"({'; '.join(diffs)}); use the surrogate trained on this model's data, or train one with "
+                f"`layershap train STORE --out DIR`"
+            )
+
+    # ---------------------------------------------------------------- saving
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``member_<i>.pt`` files, then ``metadata.json`` (each via a temporary file + rename).
+
+        Example:
+            >>> sur.save("runs/default/surrogate")
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        names = [f"member_{i}.pt" for i in range(len(self.nets))]
+        for name, net in zip(names, self.nets):
+            tmp = out / f".{name}.tmp"
+            torch.save(net.state_dict(), tmp)
+            os.replace(tmp, out / name)
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata,
+            "architecture": self.nets[0].architecture(), "member_files": names,
+        }
+        tmp = out / f".{METADATA_FILE}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, out / METADATA_FILE)
+        for stale in out.glob("member_*.pt"):  # members of an earlier, larger ensemble
+            if stale.name not in names:
+                stale.unlink()
+        self.metadata = meta
+        return out
+
+
+def load_surrogate(path: str | Path) -> Surrogate:
+    """Rebuild a :class:`Surrogate` from a directory written by ``layershap train``.
+
+    Example:
+        >>> sur = load_surrogate("artifacts/gemma-3-270m/surrogate")
+    """
+    root = Path(path)
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise LayershapError(
+            f"{root} is not a trained surrogate (no {METADATA_FILE}); give the --out folder of `layershap train`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LayershapError(f"{meta_path} is not valid JSON ({exc}); retrain with `layershap train`") from exc
+    if meta.get("format") != FORMAT:
+        raise LayershapError(f"{meta_path} is not a layershap surrogate (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LayershapError(
+            f"{root} has surrogate format version {meta.get('format_version')}, this layershap reads "
+            f"{FORMAT_VERSION}; retrain with `layershap train`"
+        )
+    arch = meta["architecture"]
+    nets = []
+    for name in meta["member_files"]:
+        file = root / name
+        if not file.is_file():
+            raise LayershapError(f"surrogate member {file} is missing; retrain with `layershap train`")
+        net = MaskNet(int(arch["n_layers"]), hidden=int(arch["hidden"]), depth=int(arch["depth"]))
+        net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        nets.append(net)
+    return Surrogate(nets, meta)
