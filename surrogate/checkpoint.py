@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
 from layershap.oracle.layers import check_masks
 
@@ -54,6 +55,10 @@ class Surrogate:
     @property
     def members(self) -> int:
         return len(self.nets)
+
+    def member(self, j: int) -> Surrogate:
+        """Member ``j`` alone, as a one-network surrogate with the same metadata (shares the weights)."""
+        return Surrogate([self.nets[j]], self.metadata, self.chunk_size)
 
     @property
     def removed_counts(self) -> list[int]:

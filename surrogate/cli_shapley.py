@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from .plot_fit import VALIDATION_FILE, plot_validation
     from .plot_scores import plot_interactions, plot_scores
     from .scores_io import write_scores
-    from .shapley import MAX_EXACT_LAYERS, compute_scores, resolve_method, scores_table
+    from .shapley import MAX_EXACT_LAYERS, ensemble_scores, resolve_method, scores_table
 
     out = Path(args.out)
     if out.suffix.lower() != ".json":
@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
         raise LayershapError(f"--interactions needs exact enumeration (n <= {MAX_EXACT_LAYERS}); this model has {n}")
     method = resolve_method(args.method, n, chosen)
     progress = False if args.quiet else None
-    scores = compute_scores(surrogate, n, chosen, method, budget=args.budget, seed=args.seed,
-                            interactions=args.interactions, batch_size=args.batch_size, progress=progress)
+    scores = ensemble_scores(surrogate, chosen, method, budget=args.budget, seed=args.seed,
+                             interactions=args.interactions, batch_size=args.batch_size, progress=progress)
 
     doc = write_scores(out, scores, meta, source=Path(args.surrogate_dir), index_description=chosen.describe(n),
                        coverage=coverage, extra_fields={"warnings": notes})

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from layershap.oracle.errors import LayershapError
 
 from .game import Scores
@@ -120,7 +121,8 @@ def scores_to_dict(
     if "interactions" in scores.extra:
         doc["interactions"] = scores.extra["interactions"]
         doc["interaction_index"] = scores.extra.get("interaction_index", "shapley_interaction")
-    for key in ("n_permutation_pairs", "samples_per_size", "exhaustive_sizes"):
+    for key in ("n_permutation_pairs", "samples_per_size", "exhaustive_sizes", "members", "estimator_stderr",
+                "surrogate_stderr", "stderr_kind"):
         if key in scores.extra:
             doc[key] = scores.extra[key]
     if extra_fields:

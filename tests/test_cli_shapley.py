@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
