@@ -85,6 +85,7 @@ def open_session(args: argparse.Namespace) -> OracleSession:
     Nothing is written when the store belongs to another model, text or layer count.
     """
     import torch
+
     from layershap.oracle.errors import LayershapError
     from layershap.oracle.evaluate import MaskedEvaluator
     from layershap.oracle.loading import load_model

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from layershap.oracle.errors import LayershapError, MaskError
 
 DEFAULT_N_MASKS = 128

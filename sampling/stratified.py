@@ -36,6 +36,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
 from layershap.oracle.errors import LayershapError
 from layershap.oracle.layers import check_masks
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from layershap.oracle.errors import LayershapError
-from layershap.oracle.layers import find_layers
 from torch import nn
 from tqdm.auto import tqdm
+
+from layershap.oracle.errors import LayershapError
+from layershap.oracle.layers import find_layers
 
 ValueFunction = Callable[[np.ndarray], np.ndarray]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from layershap.oracle.errors import LayershapError
@@ -29,10 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Parser with every installed subcommand."""
     parser = argparse.ArgumentParser(
@@ -40,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which decoder layers of an LLM can you remove? Layer Shapley values via a learned surrogate.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in _available().items():
+    for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)

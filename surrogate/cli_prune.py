@@ -95,6 +95,7 @@ def choose_layers(args: argparse.Namespace, n_layers: int, model_id: str, model_
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from layershap.oracle.layers import find_layers
     from layershap.oracle.loading import load_model
     from layershap.oracle.prune import mask_from_removed, save_pruned_model

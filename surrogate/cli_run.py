@@ -146,9 +146,9 @@ def summarize(doc: dict, store, surrogate, oracle, progress: bool = True) -> dic
 
 def format_summary(summary: dict) -> str:
     """The table people read: layer, score ± s.e., rank, leave-one-out perplexity; then the suggestions."""
-    lines = [f"{summary['model_id']}: {summary['n_layers']} layers, full-model perplexity "
-             f"{summary['full_perplexity']:.2f}; scores = {summary['index']} of -nll (higher = more important)",
-             f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>10}"]
+    title = (f"{summary['model_id']}: {summary['n_layers']} layers, full-model perplexity "
+             f"{summary['full_perplexity']:.2f}; scores = {summary['index']} of -nll (higher = more important)")
+    lines = [title, f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>10}"]
     for row in summary["layers"]:
         loo = f"{row['loo_perplexity']:.4g}" if row["loo_perplexity"] is not None else "-"
         lines.append(f"{row['layer']:>5}  {row['score']:>10.4f}  {row['stderr']:>8.4f}  {row['rank']:>4}  {loo:>10}")

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from layershap.oracle.errors import LayershapError, StoreMismatchError
 from tqdm.auto import tqdm
+
+from layershap.oracle.errors import LayershapError, StoreMismatchError
 
 from .baselines import Removal
 

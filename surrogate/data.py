@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
 from layershap.oracle.errors import LayershapError
 from layershap.oracle.layers import check_masks
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from .network import encode_masks
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from layershap.oracle.errors import LayershapError
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
+
+from layershap.oracle.errors import LayershapError
 
 from .game import Scores, ValueFunction, evaluate, masks_from_ints
 from .semivalues import Index, shapley_interaction_weights

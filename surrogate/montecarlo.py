@@ -27,8 +27,9 @@ import math
 import time
 
 import numpy as np
-from layershap.oracle.errors import LayershapError
 from tqdm.auto import tqdm
+
+from layershap.oracle.errors import LayershapError
 
 from .exact import DEFAULT_BATCH, efficiency_report, exact_semivalue
 from .game import Scores, ValueFunction, evaluate

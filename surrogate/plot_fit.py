@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from layershap.oracle.errors import LayershapError
 
 from .metrics import regression_metrics

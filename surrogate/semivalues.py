@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
 from layershap.oracle.errors import LayershapError
 
 INDEX_KINDS = ("shapley", "banzhaf", "semivalue")

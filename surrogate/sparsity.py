@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import numpy as np
+
 from layershap.oracle.errors import LayershapError
 
 

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from layershap.oracle.errors import LayershapError
 from tqdm.auto import tqdm
+
+from layershap.oracle.errors import LayershapError
 
 ValueFunction = Callable[[np.ndarray], np.ndarray]
 MAX_EXHAUSTIVE = 1_000_000

@@ -24,9 +24,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from layershap.oracle.errors import LayershapError
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from tqdm.auto import tqdm
+
+from layershap.oracle.errors import LayershapError
 
 from .checkpoint import Surrogate
 from .data import MaskDataModule

@@ -20,7 +20,7 @@ def tiny_config(arch: str, n_layers: int = 4, vocab: int = TINY_VOCAB):
     """A tiny transformers config (hidden 32) of ``arch``; Gemma 2/3 get mixed sliding/full layers."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab, num_hidden_layers=n_layers, num_attention_heads=2)
+    common = {"vocab_size": vocab, "num_hidden_layers": n_layers, "num_attention_heads": 2}
     llama_like = dict(common, hidden_size=32, intermediate_size=64, num_key_value_heads=1,
                       max_position_embeddings=256)
     mixed = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]

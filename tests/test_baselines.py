@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model
+from torch import nn
+
 from layershap.oracle.errors import LayershapError
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.surrogate.baselines import (
@@ -22,7 +24,6 @@ from layershap.surrogate.baselines import (
     run_baselines,
     sleb,
 )
-from torch import nn
 
 N = 5
 

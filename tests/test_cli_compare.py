@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_model_dir
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from layershap.oracle.errors import LayershapError
 from layershap.surrogate.cli import main
 from layershap.surrogate.compare import CompareConfig, run_compare
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 N = 4
 SEQ = 16

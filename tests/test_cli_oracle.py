@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VOCAB, make_tiny_tokenizer, save_tiny_model_dir
+
 from layershap.oracle.store import DatasetStore
 from layershap.surrogate.cli import main
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer, save_tiny_model_dir
+
 from layershap.oracle import loading
 from layershap.oracle.errors import LayershapError, MissingPackageError
 from layershap.oracle.loading import LoadedModel, clear_gguf_quantizer, load_model, model_fingerprint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import MaskError
 from layershap.oracle.measure import measure_masks, unique_rows
 from layershap.oracle.store import DatasetStore

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
 from layershap.oracle.errors import MaskError
 from layershap.oracle.layers import find_layers, layer_types, skip_layers
 from layershap.oracle.prune import PRUNE_INFO_FILE, mask_from_removed, prune_model, save_pruned_model
-from transformers import AutoModelForCausalLM
 
 PRUNE_ARCHS = ["llama", "gemma3", "gpt2", "opt", "qwen3", "gemma2", "gpt_neox", "phi3", "mistral", "qwen2"]
 
@@ -116,6 +117,7 @@ def _scores_file(path, n_layers, values, model_id, model_hash):
 
 def test_prune_and_evaluate_cli(tmp_path, capsys):
     from conftest import save_tiny_model_dir
+
     from layershap.oracle.loading import load_model
     from layershap.surrogate.cli import main
 
@@ -156,6 +158,7 @@ def test_prune_and_evaluate_cli(tmp_path, capsys):
 
 def test_prune_cli_refuses_scores_of_another_model(tmp_path, capsys):
     from conftest import save_tiny_model_dir
+
     from layershap.oracle.loading import load_model
     from layershap.surrogate.cli import main
 

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.text import load_text, make_windows

@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError
 from layershap.sampling.stratified import (
     all_removed_counts,

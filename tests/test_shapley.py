@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError
 from layershap.surrogate.shapley import (
     EfficiencyError,
@@ -417,6 +418,7 @@ def test_resolve_method_and_compute_scores():
 def test_exact_shapley_on_tiny_model_oracle_equals_brute_force():
     import torch
     from conftest import make_tiny_model
+
     from layershap.oracle.evaluate import MaskedEvaluator
 
     n = 4

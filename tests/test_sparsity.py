@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError
 from layershap.surrogate.cli import main
 from layershap.surrogate.game import Scores

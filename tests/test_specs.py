@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError, MaskError
 from layershap.sampling.specs import check_mask_spec, parse_mask_spec
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError
 from layershap.surrogate.subset_search import (
     beam_search,

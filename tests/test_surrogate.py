@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+from sklearn.metrics import r2_score
+
 from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
 from layershap.sampling.stratified import stratified_masks
 from layershap.surrogate.checkpoint import Surrogate, load_surrogate
@@ -16,8 +19,6 @@ from layershap.surrogate.data import MaskDataModule, stratified_split
 from layershap.surrogate.metrics import fit_metrics, format_metrics_table, regression_metrics
 from layershap.surrogate.network import MaskNet, encode_masks
 from layershap.surrogate.train import member_seeds, train_ensemble
-from scipy import stats
-from sklearn.metrics import r2_score
 
 N = 10
 FAST = {"hidden": 32, "max_epochs": 40, "patience": 10, "lr": 5e-3, "progress": False}

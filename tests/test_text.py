@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from layershap.oracle.errors import LayershapError, MissingPackageError
 from layershap.oracle.text import eval_windows, load_text, make_windows, windows_sha256
 
