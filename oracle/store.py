@@ -263,12 +263,19 @@ class DatasetStore:
         arr = check_masks(masks, self.n_layers)
         return np.array([row.tobytes() not in self._keys for row in arr], dtype=bool)
 
-    def content_hash(self) -> str:
-        """sha256 over the identity attributes and the committed masks and nll values (in row order)."""
+    def content_hash(self, rows: int | None = None) -> str:
+        """sha256 over the identity attributes and the committed masks and nll values (in row order).
+
+        ``rows``: hash only the first ``rows`` rows — appends never change earlier rows, so a surrogate trained
+        on a store that has grown since can still be matched to the rows it saw.
+        """
+        n = len(self._nll) if rows is None else int(rows)
+        if not 0 <= n <= len(self._nll):
+            raise LayershapError(f"{self.path} has {len(self._nll)} rows; cannot hash the first {rows}")
         h = hashlib.sha256()
         h.update(json.dumps(self.identity, sort_keys=True).encode())
-        h.update(np.ascontiguousarray(self._masks, dtype=np.uint8).tobytes())
-        h.update(np.ascontiguousarray(self._nll, dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(self._masks[:n], dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(self._nll[:n], dtype="<f8").tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------------ writing

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gemma-3-270m (embedded default), a .gguf file, a local model dir or a hub id")
     parser.add_argument("--text", default="builtin", help="calibration text: builtin, .txt/.jsonl, wikitext2, c4")
     parser.add_argument("--out", default=None, help="output folder (default runs/<model name>)")
-    parser.add_argument("--masks", type=positive_int, default=96,
-                        help="oracle masks, including the full model and all leave-one-out masks (default 96)")
+    parser.add_argument("--masks", type=positive_int, default=160,
+                        help="oracle masks, including the full model and all leave-one-out masks (default 160)")
     parser.add_argument("--sampling", choices=("stratified", "stratified-all"), default="stratified",
                         help="stratified = 1..ceil(n/2) layers removed (pruning range, scores = semivalue over "
                              "that range); stratified-all = every count 1..n (scores = Shapley value)")

@@ -203,3 +203,20 @@ def test_content_hash_tracks_rows_and_identity(tmp_path):
     b = DatasetStore.create_or_open(tmp_path / "b.zarr", make_identity(), make_windows())
     b.append(masks, [1.0, 2.0, 3.0, 4.5], np.full(4, 9.0))  # seconds do not enter the hash, nll does
     assert b.content_hash() != a.content_hash()
+
+
+def test_content_hash_of_a_prefix_survives_appends(tmp_path):
+    """The hash of the first rows is unchanged by later appends and equals the hash the store had then."""
+    import pytest
+
+    from layershap.oracle.errors import LayershapError
+
+    store = DatasetStore.create_or_open(tmp_path / "p.zarr", make_identity(), make_windows())
+    masks = random_masks(3)
+    store.append(masks[:2], np.array([3.0, 4.0]), np.zeros(2))
+    before = store.content_hash()
+    store.append(masks[2:], np.array([5.0]), np.zeros(1))
+    assert store.content_hash() != before
+    assert store.content_hash(rows=2) == before
+    with pytest.raises(LayershapError):
+        store.content_hash(rows=4)
