@@ -18,6 +18,7 @@ import platform
 import time
 
 import torch
+
 from layershap.surrogate.checkpoint import Surrogate
 from layershap.surrogate.network import MaskNet
 from layershap.surrogate.shapley import Index, exact_semivalue, permutation_shapley, stratified_semivalue

@@ -83,3 +83,18 @@ def test_run_embedded_gemma_reduced(tmp_path, capsys):
     for s in summary["suggestions"]:
         assert 5 not in s["layers"]
         assert math.isfinite(s["measured_perplexity"])
+
+
+def test_run_with_active_sampling_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", 5, seed=2)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--masks", "14", "--budget", "24",
+            "--windows", "1", "--seq-len", "16", "--members", "2", "--hidden", "16", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "active_sampling.json").read_text())
+    store = DatasetStore.open(out / "dataset.zarr")
+    keys = [m.tobytes() for m in store.masks]
+    assert len(keys) == len(set(keys))                      # no mask measured twice
+    assert report["stopped"] in ("stable", "budget", "exhausted")
+    assert len(store) <= 24 + 3 * 3                          # budget, plus the re-measured suggestions

@@ -1,0 +1,173 @@
+"""Active sampling vs plain stratified sampling: oracle passes needed to reach a reference layer ranking.
+
+1. Reference: a surrogate trained on ``--reference`` stratified masks gives the reference scores (the index the
+   data support: the pruning-range semivalue for the default strata).
+2. Active: :func:`layershap.surrogate.active.run_active_sampling` from ``--initial`` stratified masks, adding
+   ``--batch`` masks per round where the ensemble disagrees, until its ranking is stable or ``--budget`` is spent.
+3. Stratified: surrogates trained on plain stratified sets of growing size (another seed than the reference).
+
+"Reaches the reference" = Kendall tau >= 0.9 against the reference scores and the same 5 least-important layers.
+Every mask measured once is kept in ``--out/measured.zarr`` and reused by all three (an oracle pass is counted
+per distinct mask each method asks for, whether or not it was already measured for another method).
+
+Example:
+    $ python benchmarks/active_sampling.py                       # Gemma-3-270M, 4 x 128 tokens of builtin text
+    $ python benchmarks/active_sampling.py --reference 192 --budget 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import kendalltau
+
+
+class SharedOracle:
+    """``nll(masks)``: values from ``cache`` (a DatasetStore on the same windows) or measured and appended to it.
+
+    Counts nothing itself: each method's own store counts its passes. Measures in trie order, 32 masks per call,
+    so prefix sharing applies.
+    """
+
+    def __init__(self, evaluator, cache) -> None:
+        self.evaluator = evaluator
+        self.cache = cache
+        self.n_layers = evaluator.n_layers
+
+    def nll(self, masks: np.ndarray) -> np.ndarray:
+        from layershap.oracle.prefix import trie_order
+
+        masks = np.asarray(masks, bool).reshape(-1, self.n_layers)
+        todo = masks[self.cache.missing(masks)]
+        if len(todo):
+            todo = np.unique(todo, axis=0)
+            todo = todo[trie_order(todo)]
+            for start in range(0, len(todo), 32):
+                group = todo[start : start + 32]
+                t0 = time.perf_counter()
+                values = self.evaluator.nll(group)
+                self.cache.append(group, values, np.full(len(group), (time.perf_counter() - t0) / len(group)))
+        lookup = {row.tobytes(): v for row, v in zip(self.cache.masks, self.cache.nll)}
+        return np.array([lookup[row.tobytes()] for row in masks])
+
+
+def scores_of(store_path: Path, out_dir: Path, args: argparse.Namespace):
+    from layershap.surrogate.checkpoint import load_surrogate
+    from layershap.surrogate.semivalues import default_index
+    from layershap.surrogate.shapley import compute_scores
+    from layershap.surrogate.train import train_surrogate
+
+    train_surrogate(store_path, out_dir, members=args.members, seed=args.seed, hidden=args.hidden, progress=False)
+    sur = load_surrogate(out_dir)
+    return compute_scores(sur, sur.n_layers, default_index(sur.removed_counts, sur.n_layers), method="auto",
+                          progress=False)
+
+
+def agreement(scores, reference, top_k: int = 5) -> tuple[float, bool]:
+    tau = float(kendalltau(reference.values, scores.values).statistic)
+    same = set(scores.ranking()[:top_k].tolist()) == set(reference.ranking()[:top_k].tolist())
+    return tau, same
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--reference", type=int, default=256, help="stratified masks behind the reference ranking")
+    p.add_argument("--initial", type=int, default=40, help="initial stratified set of active sampling")
+    p.add_argument("--batch", type=int, default=16, help="masks added per active round")
+    p.add_argument("--budget", type=int, default=128, help="most oracle passes active sampling may spend")
+    p.add_argument("--sizes", default="40,64,96,128", help="plain stratified set sizes to compare")
+    p.add_argument("--members", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-active")
+    p.add_argument("--reuse", default=None, help="an existing store on the same model and windows: its rows are "
+                   "copied into the measurement cache first (saves model passes, counts are unchanged)")
+    args = p.parse_args(argv)
+
+    from layershap.oracle.evaluate import MaskedEvaluator
+    from layershap.oracle.loading import load_model
+    from layershap.oracle.measure import dataset_identity
+    from layershap.oracle.store import DatasetStore
+    from layershap.oracle.text import load_text, make_windows
+    from layershap.sampling.stratified import stratified_masks
+    from layershap.surrogate.active import run_active_sampling
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model)
+    text = load_text("builtin")
+    windows = make_windows(loaded.tokenizer, text.text, args.windows, args.seq_len, args.seed)
+    identity = dataset_identity(loaded, text.text_id, windows, args.seq_len)
+    n = identity["n_layers"]
+    evaluator = MaskedEvaluator(loaded.model, windows)
+    cache = DatasetStore.create_or_open(out / "measured.zarr", identity, windows)
+    oracle = SharedOracle(evaluator, cache)
+    if args.reuse is not None:
+        other = DatasetStore.open(args.reuse)
+        other.check_identity({k: identity[k] for k in ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype")})
+        keep = cache.missing(other.masks)
+        if keep.any():
+            cache.append(other.masks[keep], other.nll[keep], other.seconds[keep])
+
+    def store_for(name: str, masks: np.ndarray | None) -> Path:
+        path = out / f"{name}.zarr"
+        store = DatasetStore.create_or_open(path, identity, windows)
+        if masks is not None:
+            todo = masks[store.missing(masks)]
+            if len(todo):
+                store.append(todo, oracle.nll(todo), np.zeros(len(todo)))
+        return path
+
+    print(f"{loaded.model_id}: {n} layers; {args.windows} x {args.seq_len} tokens of {text.text_id}")
+    ref_path = store_for("reference", stratified_masks(n, args.reference, seed=args.seed))
+    reference = scores_of(ref_path, out / "reference-surrogate", args)
+    print(f"reference: {args.reference} stratified masks, index {reference.index}, "
+          f"ranking (least important first) {reference.ranking().tolist()}")
+
+    active_store = DatasetStore.create_or_open(out / "active.zarr", identity, windows)
+    report = run_active_sampling(oracle, active_store, budget=args.budget, initial=args.initial, batch=args.batch,
+                                 seed=args.seed + 1, members=args.members, hidden=args.hidden,
+                                 out_dir=out / "active-rounds", progress=False)
+    active_scores = scores_of(out / "active.zarr", out / "active-surrogate", args)
+    tau_a, same_a = agreement(active_scores, reference)
+    print(f"active: stopped '{report['stopped']}' after {len(report['rounds'])} rounds, {len(active_store)} oracle "
+          f"passes; vs reference tau {tau_a:.3f}, same top-5 {same_a}")
+    for r in report["rounds"]:
+        tau = "  -  " if r["tau"] is None else f"{r['tau']:.3f}"
+        print(f"  round {r['round']}: rows {r['rows']}, tau vs previous {tau}, same top-5 {r['same_top_k']}, "
+              f"added {r['added']}")
+
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        path = store_for(f"stratified-{size}", stratified_masks(n, size, seed=args.seed + 1))
+        tau, same = agreement(scores_of(path, out / f"stratified-{size}-surrogate", args), reference)
+        rows.append((size, tau, same))
+        print(f"stratified {size:4d} masks: vs reference tau {tau:.3f}, same top-5 {same}")
+    reached = [size for size, tau, same in rows if tau >= 0.9 and same]
+    first = min(reached) if reached else None
+    active_ok = tau_a >= 0.9 and same_a
+    ratio = f"{len(active_store) / first:.2f}" if first and active_ok else "n/a"
+    print(f"passes to reach the reference (tau >= 0.9, same top-5): active "
+          f"{len(active_store) if active_ok else 'not reached'}, stratified {first or 'not reached'} "
+          f"(of sizes {args.sizes}); ratio active/stratified {ratio}")
+    print(f"{len(cache)} distinct masks measured in all; {time.perf_counter() - started:.0f} s")
+    (out / "active_vs_stratified.json").write_text(json.dumps({
+        "reference": {"masks": args.reference, "index": reference.index, "ranking": reference.ranking().tolist()},
+        "active": {"passes": len(active_store), "tau": tau_a, "same_top5": same_a, "report": report},
+        "stratified": [{"masks": s, "tau": t, "same_top5": m} for s, t, m in rows],
+    }, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Oracle speed: plain Hugging Face ``labels=`` forwards vs layershap's MaskedEvaluator, on the same masks and windows.
+
+Prints the time of each path, their ratio, the largest NLL difference between them, and the oracle's throughput
+against this machine's own measured matmul rate for the same FLOPs (a roofline fraction).
+
+FLOPs counted for a masked forward: 2 x (matmul parameters of the kept layers) x (all tokens) + 2 x (head
+parameters) x (predicted tokens). Attention score/value products and norms are not counted (about 2 % at 128
+tokens). "Nominal" FLOPs count every mask's full masked forward; "computed" FLOPs count what the oracle really
+ran after prefix sharing (so nominal throughput can exceed the matmul rate).
+
+Example:
+    $ python benchmarks/oracle_speed.py                                  # Gemma-3-270M, 128 masks, 4 x 128 tokens
+    $ python benchmarks/oracle_speed.py --masks-n 32 --windows 2
+    $ python benchmarks/oracle_speed.py --config llama3-8b.json --device cuda --windows 8 --seq-len 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m", help="model spec for layershap.oracle.loading.load_model")
+    p.add_argument("--config", default=None, help="config.json (file or folder): random-weight model of that shape")
+    p.add_argument("--masks-n", type=int, default=128, help="stratified masks (full + leave-one-out included)")
+    p.add_argument("--windows", type=int, default=4, help="token windows")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (BOS added when the model has one)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (both paths)")
+    p.add_argument("--cache-mb", type=float, default=None, help="prefix-cache budget (default: evaluator default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_from_config(path: str, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A random-weight causal LM from a config.json file or a folder holding one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    values = json.loads(file.read_text())
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, np.ndarray, str]:
+    from layershap.oracle.evaluate import default_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    if args.config is not None:
+        model = build_from_config(args.config, device, default_dtype(device), args.seed)
+        vocab = model.get_output_embeddings().out_features
+        rng = np.random.default_rng(args.seed)
+        windows = rng.integers(0, vocab, size=(args.windows, args.seq_len), dtype=np.int64)
+        bos = getattr(model.config, "bos_token_id", None)
+        if isinstance(bos, int):
+            windows = np.concatenate([np.full((args.windows, 1), bos, np.int64), windows], axis=1)
+        return model, windows, f"random weights from {args.config}"
+    from layershap.oracle.loading import load_model
+    from layershap.oracle.text import load_text, make_windows
+
+    loaded = load_model(args.model, device=args.device)
+    text = load_text("builtin")
+    windows = make_windows(loaded.tokenizer, text.text, args.windows, args.seq_len, args.seed)
+    return loaded.model, windows, f"{loaded.model_id} ({loaded.model_hash[:12]}), text {text.text_id}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(
+    m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, seconds: float = 1.0
+) -> tuple[float, float]:
+    """Measured ``torch.mm`` rate for ``[m, k] @ [k, n]``: (GFLOP per wall second, GFLOP per CPU second of this
+    process), medians of 5 timed bursts."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    sync(device)
+    start = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - start < seconds / 5 or reps < 2:
+        torch.mm(a, b)
+        reps += 1
+    sync(device)
+    reps = max(1, int(reps * seconds / 5 / max(time.perf_counter() - start, 1e-9)))
+    rates, cpu_rates = [], []
+    for _ in range(5):
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            torch.mm(a, b)
+        sync(device)
+        rates.append(2.0 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+        cpu_rates.append(2.0 * m * k * n * reps / max(time.process_time() - cpu, 1e-9) / 1e9)
+    return statistics.median(rates), statistics.median(cpu_rates)
+
+
+def plain_nll(model, windows: torch.Tensor, masks: np.ndarray, batch_size: int, progress: bool = True) -> np.ndarray:
+    """Mean NLL per mask from ``model(ids, labels=ids).loss`` with the masked layers skipped (full logits)."""
+    from tqdm.auto import tqdm
+
+    from layershap.oracle.layers import skip_layers
+
+    device = next(model.parameters()).device
+    ids = windows.to(device)
+    per_token = ids.shape[1] - 1
+    out = torch.zeros(len(masks), dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for i, mask in enumerate(tqdm(masks, desc="plain HF labels=", unit="mask", disable=not progress)):
+            with skip_layers(model, mask):
+                for start in range(0, ids.shape[0], batch_size):
+                    batch = ids[start : start + batch_size]
+                    loss = model(batch, labels=batch, use_cache=False).loss
+                    out[i] += loss.double() * (batch.shape[0] * per_token)
+    return (out / (ids.shape[0] * per_token)).cpu().numpy()
+
+
+def matmul_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.ndim >= 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from tqdm.auto import tqdm
+
+    from layershap.oracle.evaluate import MaskedEvaluator
+    from layershap.oracle.layers import find_layers
+    from layershap.sampling.stratified import stratified_masks
+
+    model, windows_np, label = load(args)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    layers = find_layers(model).layers
+    n = len(layers)
+    masks = stratified_masks(n, args.masks_n, seed=args.seed)
+    windows = torch.as_tensor(windows_np)
+    n_win, length = windows.shape
+    head = model.get_output_embeddings()
+    vocab, hidden = head.weight.shape
+    print(f"model: {label}; {n} layers, hidden {hidden}, vocab {vocab}, {dtype} on {device}, "
+          f"attention {getattr(model.config, '_attn_implementation', '?')}, torch threads {torch.get_num_threads()}")
+    print(f"masks: {len(masks)} stratified (seed {args.seed}), {int((~masks).sum())} layer removals; "
+          f"windows: {n_win} x {length} tokens, batch {args.batch_size}; load average {os.getloadavg()[0]:.1f}")
+
+    # FLOPs of the masked forwards.
+    per_layer = np.array([matmul_params(layer) for layer in layers], dtype=np.float64)
+    tokens, predicted = n_win * length, n_win * (length - 1)
+    head_flops = 2.0 * vocab * hidden * predicted
+    layer_flops = 2.0 * float((masks @ per_layer).sum()) * tokens
+
+    # Warm-up (allocator, kernels), not timed, same for both paths.
+    evaluator = MaskedEvaluator(model, windows_np, batch_size=args.batch_size, cache_mb=args.cache_mb)
+    plain_nll(model, windows, masks[:1], args.batch_size, progress=False)
+    evaluator.nll(masks[:1])
+
+    inter = getattr(model.config.get_text_config(), "intermediate_size", 4 * hidden)
+    # The head tile the evaluator really multiplies: several masks' tokens stacked, at most token_chunk rows.
+    per_mask = min(args.batch_size, n_win) * (length - 1)
+    head_m = min(evaluator.token_chunk, max(1, evaluator.token_chunk // per_mask) * per_mask)
+    layer_shape, head_shape = (tokens, hidden, inter), (head_m, hidden, evaluator.vocab_chunk)
+    rates = {"layer": [matmul_rate(*layer_shape, device, dtype)], "head": [matmul_rate(*head_shape, device, dtype)]}
+
+    sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    plain = plain_nll(model, windows, masks, args.batch_size)
+    sync(device)
+    t_plain, c_plain = time.perf_counter() - start, time.process_time() - cpu
+
+    start, cpu = time.perf_counter(), time.process_time()
+    with tqdm(total=len(masks), desc="layershap oracle", unit="mask") as bar:
+        fast = evaluator.nll(masks)
+        bar.update(len(masks))
+    sync(device)
+    t_fast, c_fast = time.perf_counter() - start, time.process_time() - cpu
+    stats = evaluator.last_stats
+
+    rates["layer"].append(matmul_rate(*layer_shape, device, dtype))
+    rates["head"].append(matmul_rate(*head_shape, device, dtype))
+    share = stats["layer_runs"] / max(stats["plain_layer_runs"], 1)
+    heads = len(masks) * head_flops
+    computed = layer_flops * share + heads
+
+    def roofline_seconds(kind: int, layer_part: float) -> float:
+        """Seconds torch.mm needs for these FLOPs (kind 0: wall-clock rate, 1: CPU-time rate)."""
+        r_layer = statistics.mean(r[kind] for r in rates["layer"])
+        r_head = statistics.mean(r[kind] for r in rates["head"])
+        return layer_part / (r_layer * 1e9) + heads / (r_head * 1e9)
+
+    cpu_note = " (CPU time of this process, all threads)" if device.type == "cpu" else ""
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print(f"(a) plain HF forward, labels=, per mask : {t_plain:8.1f} s wall ({t_plain / len(masks):.3f} s/mask), "
+          f"{c_plain:8.1f} s CPU")
+    print(f"(b) layershap oracle (prefix sharing)   : {t_fast:8.1f} s wall ({t_fast / len(masks):.3f} s/mask), "
+          f"{c_fast:8.1f} s CPU")
+    print(f"ratio oracle / plain                     : {t_fast / t_plain:8.3f} wall, {c_fast / max(c_plain, 1e-9):.3f} "
+          f"CPU time  (target <= 0.6)")
+    print(f"max |nll_oracle - nll_plain|             : {np.abs(fast - plain).max():.2e} nats "
+          f"(nll range {fast.min():.3f} .. {fast.max():.3f})")
+    print(f"prefix sharing: {stats['layer_runs']} of {stats['plain_layer_runs']} layer forwards per window batch "
+          f"({share:.1%}), {stats['slots']} cache slots, peak cache {stats['peak_cache_bytes'] / 2**20:.1f} MiB")
+    for name, shape in (("layer", layer_shape), ("head", head_shape)):
+        (w0, c0), (w1, c1) = rates[name]
+        print(f"matmul rate, {name} shape [{shape[0]}x{shape[1]}]@[{shape[1]}x{shape[2]}] {dtype}: "
+              f"before/after {w0:.1f}/{w1:.1f} GFLOP/s wall, {c0:.1f}/{c1:.1f} GFLOP per CPU-s{cpu_note}")
+    print(f"FLOPs: nominal {(layer_flops + heads) / 1e12:.3f} TFLOP (layers {layer_flops / 1e12:.3f}, head "
+          f"{heads / 1e12:.3f}); computed after prefix sharing {computed / 1e12:.3f} TFLOP")
+    print(f"oracle throughput: nominal {(layer_flops + heads) / t_fast / 1e9:.1f} GFLOP/s, computed "
+          f"{computed / t_fast / 1e9:.1f} GFLOP/s; plain {(layer_flops + heads) / t_plain / 1e9:.1f} GFLOP/s "
+          f"(the plain head also runs on the {n_win} last positions, not counted)")
+    for kind, label, t_a, t_b in ((0, "wall", t_plain, t_fast), (1, "CPU time", c_plain, c_fast)):
+        if kind == 1 and device.type != "cpu":
+            continue
+        print(f"roofline fraction ({label}): oracle {roofline_seconds(kind, layer_flops) / t_b:.1%} of matmul speed "
+              f"for the nominal FLOPs, {roofline_seconds(kind, layer_flops * share) / t_b:.1%} for the computed "
+              f"FLOPs; plain path {roofline_seconds(kind, layer_flops) / t_a:.1%}  (target >= 50 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
