@@ -19,3 +19,7 @@ class StoreMismatchError(LayershapError):
 
 class MissingPackageError(LayershapError, ImportError):
     """An optional package is needed; the message names the pip install that fixes it."""
+
+
+class NonFiniteLossError(LayershapError, FloatingPointError):
+    """A mask gave a non-finite NLL (the model diverged); nothing is stored for it."""

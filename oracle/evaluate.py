@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LayershapError
+from .errors import LayershapError, NonFiniteLossError
 from .layers import _text_config, check_masks, find_layers, skip_layers
 from .prefix import PrefixRunner, plan_prefix_runs
 
@@ -272,7 +272,10 @@ class MaskedEvaluator:
             values = (totals / self.n_tokens).cpu().numpy()
         if not np.isfinite(values).all():
             bad = [i for i in range(len(values)) if not np.isfinite(values[i])]
-            raise FloatingPointError(f"non-finite NLL for masks at rows {bad}: the model diverged on them")
+            raise NonFiniteLossError(
+                f"non-finite NLL for masks at rows {bad}: the model diverged on them (inf/nan activations); "
+                "nothing was stored for them — check the model's weights/dtype or leave those masks out"
+            )
         return values
 
     def __call__(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:

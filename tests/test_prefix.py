@@ -201,3 +201,23 @@ def test_bad_options_are_clear_errors():
             MaskedEvaluator(model, windows, **kwargs)
     with pytest.raises(LayershapError, match="windows"):
         MaskedEvaluator(model, windows[:, :1])
+
+
+def test_non_finite_loss_is_a_clear_user_error():
+    """A mask whose forward diverges raises NonFiniteLossError (a LayershapError the CLI prints cleanly)."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from layershap.oracle.errors import LayershapError, NonFiniteLossError
+    from layershap.oracle.evaluate import MaskedEvaluator
+
+    model = make_tiny_model("llama", 3, seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    ev = MaskedEvaluator(model, torch.randint(0, 300, (1, 12)))
+    ok = ev.nll(np.array([[1, 0, 1]], bool))            # layer 1 skipped: finite
+    assert np.isfinite(ok).all()
+    with pytest.raises(NonFiniteLossError) as info:
+        ev.nll(np.array([[1, 1, 1]], bool))
+    assert isinstance(info.value, LayershapError) and "rows [0]" in str(info.value)
