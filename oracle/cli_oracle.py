@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks-per-call", type=positive_int, default=8,
                         help="masks evaluated (and committed) together; shared kept-layer prefixes are computed "
                              "once per group; a kill loses at most one group (default 8)")
+    parser.add_argument("--cache-mb", type=positive_int, default=None,
+                        help="memory budget for cached hidden states of shared layer prefixes "
+                             "(default 512 on CPU, 2048 on CUDA)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -123,7 +126,8 @@ def open_session(args: argparse.Namespace) -> OracleSession:
         f"{windows.shape[0]} x {windows.shape[1]} tokens; {len(masks)} masks asked for, "
         f"{len(masks) - todo} already stored, {todo} to measure"
     )
-    evaluator = MaskedEvaluator(loaded.model, windows, batch_size=args.batch_size, device=loaded.device)
+    evaluator = MaskedEvaluator(loaded.model, windows, batch_size=args.batch_size, device=loaded.device,
+                                cache_mb=args.cache_mb)
     return OracleSession(loaded, store, evaluator, masks)
 
 

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of windows, masks, training")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--cache-mb", type=positive_int, default=None,
+                        help="memory budget for cached hidden states of shared layer prefixes (oracle)")
     parser.add_argument("--members", type=positive_int, default=3, help="surrogate ensemble size (default 3)")
     parser.add_argument("--hidden", type=positive_int, default=128, help="surrogate hidden units (default 128)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     oracle_args = _sub_args("oracle", [
         "--model", args.model, "--text", args.text, "--masks", args.sampling, "--n-masks", str(args.masks),
         "--out", str(store_path), "--windows", str(args.windows), "--seq-len", str(args.seq_len),
-        "--seed", str(args.seed), "--device", args.device, "--batch-size", str(args.batch_size), *quiet])
+        "--seed", str(args.seed), "--device", args.device, "--batch-size", str(args.batch_size), *quiet,
+        *(["--cache-mb", str(args.cache_mb)] if args.cache_mb else [])])
     session = open_session(oracle_args)
     store, evaluator = session.store, session.evaluator
     measure_masks(evaluator, store, session.masks, progress=not args.no_progress)
