@@ -102,6 +102,29 @@ def _text_config(model: nn.Module):
 
 
 @contextlib.contextmanager
+def bind_layers(model: nn.Module, modules: list[nn.Module], types: list[str] | None) -> Iterator[None]:
+    """Temporarily replace the model's decoder layer list by ``modules`` (and ``config.layer_types`` by ``types``).
+
+    Restores the original list and config on exit, also after an exception.
+    """
+    handle = find_layers(model)
+    config = _text_config(model)
+    saved_types = getattr(config, "layer_types", None)
+    saved_n = config.num_hidden_layers
+    setattr(handle.parent, handle.attr, nn.ModuleList(modules))
+    try:
+        config.num_hidden_layers = len(modules)
+        if saved_types is not None and types is not None:
+            config.layer_types = list(types)
+        yield
+    finally:
+        setattr(handle.parent, handle.attr, handle.layers)
+        config.num_hidden_layers = saved_n
+        if saved_types is not None:
+            config.layer_types = saved_types
+
+
+@contextlib.contextmanager
 def skip_layers(model: nn.Module, mask: np.ndarray) -> Iterator[None]:
     """Temporarily run ``model`` with only the layers where ``mask`` is True.
 
@@ -109,18 +132,7 @@ def skip_layers(model: nn.Module, mask: np.ndarray) -> Iterator[None]:
     """
     handle = find_layers(model)
     keep = check_masks(mask, handle.n_layers)[0]
-    config = _text_config(model)
-    saved_types = getattr(config, "layer_types", None)
-    saved_n = config.num_hidden_layers
-    kept = [layer for layer, k in zip(handle.layers, keep) if k]
-    setattr(handle.parent, handle.attr, nn.ModuleList(kept))
-    try:
-        config.num_hidden_layers = len(kept)
-        if saved_types is not None:
-            config.layer_types = [t for t, k in zip(saved_types, keep) if k]
+    types = getattr(_text_config(model), "layer_types", None)
+    kept_types = None if types is None else [t for t, k in zip(types, keep) if k]
+    with bind_layers(model, [layer for layer, k in zip(handle.layers, keep) if k], kept_types):
         yield
-    finally:
-        setattr(handle.parent, handle.attr, handle.layers)
-        config.num_hidden_layers = saved_n
-        if saved_types is not None:
-            config.layer_types = saved_types

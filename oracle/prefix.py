@@ -18,15 +18,14 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .layers import _text_config, find_layers
+from .layers import _text_config, bind_layers, find_layers
 
 
 @dataclass(frozen=True)
@@ -175,29 +174,6 @@ class _Capture(nn.Module):
         else:
             self.sink.append((out.clone(), 0))
         return out
-
-
-@contextlib.contextmanager
-def bind_layers(model: nn.Module, modules: list[nn.Module], types: list[str] | None) -> Iterator[None]:
-    """Temporarily replace the model's decoder layer list by ``modules`` (and ``config.layer_types`` by ``types``).
-
-    Restores the original list and config on exit, also after an exception.
-    """
-    handle = find_layers(model)
-    config = _text_config(model)
-    saved_types = getattr(config, "layer_types", None)
-    saved_n = config.num_hidden_layers
-    setattr(handle.parent, handle.attr, nn.ModuleList(modules))
-    try:
-        config.num_hidden_layers = len(modules)
-        if saved_types is not None and types is not None:
-            config.layer_types = list(types)
-        yield
-    finally:
-        setattr(handle.parent, handle.attr, handle.layers)
-        config.num_hidden_layers = saved_n
-        if saved_types is not None:
-            config.layer_types = saved_types
 
 
 class PrefixRunner:

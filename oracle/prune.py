@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from .errors import MaskError, UnsupportedModelError
-from .layers import check_masks, find_layers
+from .layers import _text_config, check_masks, find_layers
 
 PRUNE_INFO_FILE = "layershap_prune.json"
 
@@ -43,11 +43,6 @@ def mask_from_removed(n_layers: int, removed: Sequence[int]) -> np.ndarray:
     mask = np.ones(n_layers, dtype=bool)
     mask[removed] = False
     return mask
-
-
-def _text_config(model: nn.Module) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _check_prunable(model: nn.Module, keep: np.ndarray) -> None:
