@@ -2,7 +2,8 @@
 
 Exact enumeration of all 2^n masks for n = 18, 20, 22, 24 and Monte Carlo (paired permutation and
 size-stratified sampling) at n = 32 and 64 with a fixed budget, on the surrogate network layershap trains
-(``MaskNet``: n -> 256 -> 256 -> 1 with SiLU, plus a linear skip path), queried through ``Surrogate`` exactly as
+(``MaskNet``: n -> hidden -> hidden -> 1 with SiLU, hidden = the training default, plus a linear skip path),
+queried through ``Surrogate`` exactly as
 ``layershap shapley`` does. Prints a table.
 
 Example:
@@ -20,7 +21,7 @@ import time
 import torch
 
 from layershap.surrogate.checkpoint import Surrogate
-from layershap.surrogate.network import MaskNet
+from layershap.surrogate.network import DEFAULT_HIDDEN, MaskNet
 from layershap.surrogate.shapley import Index, exact_semivalue, permutation_shapley, stratified_semivalue
 
 
@@ -28,8 +29,8 @@ def random_surrogate(n: int, hidden: int, seed: int = 0) -> Surrogate:
     """An untrained one-member surrogate with the training code's architecture (weights from ``seed``)."""
     torch.manual_seed(seed)
     net = MaskNet(n, hidden=hidden, depth=2)
-    meta = {"n_layers": n, "nll_mean": 3.0, "nll_std": 1.0, "removed_counts": list(range(n + 1)),
-            "model_id": f"random-{n}"}
+    meta = {"n_layers": n, "target": "log_nll", "target_mean": 1.0, "target_std": 0.5,
+            "removed_counts": list(range(n + 1)), "model_id": f"random-{n}"}
     return Surrogate([net], meta)
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--exact", type=int, nargs="*", default=[18, 20, 22, 24], help="n for exact enumeration")
     parser.add_argument("--mc", type=int, nargs="*", default=[32, 64], help="n for Monte Carlo")
     parser.add_argument("--budget", type=int, default=1_000_000, help="Monte Carlo evaluations")
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
 

@@ -31,6 +31,8 @@ from layershap.oracle.errors import LayershapError
 from layershap.oracle.measure import measure_masks
 from layershap.sampling.stratified import stratified_masks
 
+from .network import DEFAULT_HIDDEN
+
 
 def stable(history: list[dict], tau: float, top_k: int, stable_rounds: int) -> bool:
     """True when the last ``stable_rounds`` round-to-round comparisons all have tau >= ``tau`` and the same top-k.
@@ -87,7 +89,7 @@ def run_active_sampling(
     batch: int = 32,
     seed: int = 0,
     members: int = 3,
-    hidden: int = 128,
+    hidden: int = DEFAULT_HIDDEN,
     pool: int = 4096,
     tau: float = 0.95,
     top_k: int = 5,

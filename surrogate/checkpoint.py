@@ -27,20 +27,33 @@ if TYPE_CHECKING:
     from layershap.oracle.store import DatasetStore
 
 FORMAT = "layershap-surrogate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: target log(nll) standardized (target_mean, target_std); 1 was plain nll
+TARGET = "log_nll"
 METADATA_FILE = "metadata.json"
-# Masks per forward pass: 65536 x hidden 256 float32 activations = 64 MB per layer.
-PREDICT_CHUNK = 65536
+# Activation bytes per forward pass: chunks whose hidden activations stay in the CPU caches run the network
+# 2-3x faster than 64k-mask chunks that stream through memory (n=20 exact Shapley: 1.5 s -> 0.55 s).
+PREDICT_CHUNK_BYTES = 2 << 20
+
+
+def predict_chunk(hidden: int) -> int:
+    """Masks per forward pass for a ``hidden``-wide network: a power of two with ~2 MiB float32 activations.
+
+    Example:
+        >>> predict_chunk(128), predict_chunk(256)
+        (4096, 2048)
+    """
+    return max(256, 1 << max(0, (PREDICT_CHUNK_BYTES // (4 * max(1, hidden))).bit_length() - 1))
 
 
 class Surrogate:
     """An ensemble of :class:`MaskNet` members that predicts a model's nll for any layer mask.
 
-    ``metadata`` holds model_id, model_hash, n_layers, dataset_hash, nll_mean, nll_std, removed_counts
-    (sorted removed-layer counts of the training rows), architecture, training and metrics.
+    ``metadata`` holds model_id, model_hash, n_layers, dataset_hash, target (``"log_nll"``), target_mean,
+    target_std (each member outputs ``(log(nll) - target_mean) / target_std``), removed_counts (sorted
+    removed-layer counts of the training rows), architecture, training and metrics.
     """
 
-    def __init__(self, nets: list[MaskNet], metadata: dict, chunk_size: int = PREDICT_CHUNK) -> None:
+    def __init__(self, nets: list[MaskNet], metadata: dict, chunk_size: int | None = None) -> None:
         if not nets:
             raise ValueError("a surrogate needs at least one member network")
         self.nets = [net.eval() for net in nets]
@@ -48,9 +61,11 @@ class Surrogate:
         self.n_layers = int(metadata["n_layers"])
         if any(net.n_layers != self.n_layers for net in nets):
             raise ValueError("member networks disagree with metadata n_layers")
-        self.nll_mean = float(metadata["nll_mean"])
-        self.nll_std = float(metadata["nll_std"])
-        self.chunk_size = chunk_size
+        if metadata.get("target") != TARGET:
+            raise ValueError(f"surrogate metadata must say target {TARGET!r}, got {metadata.get('target')!r}")
+        self.target_mean = float(metadata["target_mean"])
+        self.target_std = float(metadata["target_std"])
+        self.chunk_size = chunk_size or predict_chunk(max(net.hidden for net in nets))
 
     @property
     def members(self) -> int:
@@ -84,7 +99,8 @@ class Surrogate:
     def predict(self, masks: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble mean nll and member spread (sample std; 0 for one member), both ``float64[k]`` in nats.
 
-        Works in chunks of ``chunk_size`` masks under ``torch.inference_mode``.
+        Each member predicts ``exp(output * target_std + target_mean)``; mean and spread are taken over the
+        members' nll. Works in chunks of ``chunk_size`` masks under ``torch.inference_mode``.
 
         Example:
             >>> mean, std = sur.predict(np.ones((1, sur.n_layers), bool))
@@ -96,11 +112,12 @@ class Surrogate:
         with torch.inference_mode():
             for start in range(0, k, self.chunk_size):
                 x = encode_masks(arr[start : start + self.chunk_size])
-                outs = torch.stack([net(x) for net in self.nets])  # [members, chunk], standardized
-                mean[start : start + len(x)] = outs.mean(dim=0).double().numpy()
+                outs = torch.stack([net(x) for net in self.nets]).double()  # [members, chunk], standardized
+                nll = torch.exp(outs * self.target_std + self.target_mean)
+                mean[start : start + len(x)] = nll.mean(dim=0).numpy()
                 if len(self.nets) > 1:
-                    std[start : start + len(x)] = outs.std(dim=0).double().numpy()
-        return mean * self.nll_std + self.nll_mean, std * self.nll_std
+                    std[start : start + len(x)] = nll.std(dim=0).numpy()
+        return mean, std
 
     def predict_nll(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
         """Predicted mean token nll (nats), ensemble mean: ``float64[k]``."""

@@ -23,6 +23,7 @@ DEPTH_REDUCTIONS = (0.10, 0.20, 0.30)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from layershap.oracle.cli_oracle import non_negative_int, positive_int
+    from layershap.surrogate.network import DEFAULT_HIDDEN
 
     parser.add_argument("--model", default="gemma-3-270m",
                         help="gemma-3-270m (embedded default), a .gguf file, a local model dir or a hub id")
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-mb", type=positive_int, default=None,
                         help="memory budget for cached hidden states of shared layer prefixes (oracle)")
     parser.add_argument("--members", type=positive_int, default=3, help="surrogate ensemble size (default 3)")
-    parser.add_argument("--hidden", type=positive_int, default=128, help="surrogate hidden units (default 128)")
+    parser.add_argument("--hidden", type=positive_int, default=DEFAULT_HIDDEN,
+                        help=f"surrogate hidden units (default {DEFAULT_HIDDEN})")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from layershap.surrogate.network import DEFAULT_HIDDEN
+
     parser.add_argument("store", help="dataset store (zarr) written by `layershap oracle`")
     parser.add_argument("--out", required=True, help="folder for the surrogate (weights, metadata.json, fit.png)")
     parser.add_argument("--members", type=int, default=1, help="ensemble size; spread = uncertainty (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the members (default 0)")
     parser.add_argument("--max-epochs", type=int, default=500, help="epoch limit per member (default 500)")
     parser.add_argument("--patience", type=int, default=50, help="early-stopping patience in epochs (default 50)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden units per layer (default 256)")
+    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help=f"hidden units per layer (default {DEFAULT_HIDDEN})")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")

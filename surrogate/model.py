@@ -13,14 +13,14 @@ import lightning as L
 import torch
 from torch.nn import functional as F
 
-from .network import MaskNet
+from .network import DEFAULT_HIDDEN, MaskNet
 
 
 class MaskMLP(L.LightningModule):
     """Mask -> standardized nll regressor; ``self.net`` is the plain network that gets saved."""
 
     def __init__(
-        self, n_layers: int, hidden: int = 256, depth: int = 2, lr: float = 1e-3, weight_decay: float = 0.0
+        self, n_layers: int, hidden: int = DEFAULT_HIDDEN, depth: int = 2, lr: float = 1e-3, weight_decay: float = 0.0
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

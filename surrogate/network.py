@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+DEFAULT_HIDDEN = 64  # hidden units per layer of every surrogate unless the user asks otherwise
+
 
 def encode_masks(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``bool[k, n]`` masks -> ``float32[k, n]`` inputs in {-1, +1} (True = kept = +1).
@@ -36,7 +38,7 @@ class MaskNet(nn.Module):
         torch.Size([3])
     """
 
-    def __init__(self, n_layers: int, hidden: int = 256, depth: int = 2) -> None:
+    def __init__(self, n_layers: int, hidden: int = DEFAULT_HIDDEN, depth: int = 2) -> None:
         super().__init__()
         if n_layers < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"MaskNet needs n_layers, hidden, depth >= 1; got {n_layers}, {hidden}, {depth}")

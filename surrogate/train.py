@@ -1,10 +1,11 @@
-"""Train the surrogate ensemble: K MLP members (different seeds, same held-out split), early stopping on
-validation loss, best-epoch weights kept, deterministic on CPU. Writes into ``out_dir``:
+"""Train the surrogate ensemble: K MLP members (different seeds, each validating on its own cross-validation
+fold), early stopping on validation loss, best-epoch weights kept, deterministic on CPU. Writes into ``out_dir``:
 
-- ``member_<i>.pt`` + ``metadata.json`` (model id/hash, n_layers, dataset hash, normalisation, removed
-  counts of the training rows, architecture, training settings, validation metrics): see checkpoint.py;
-- ``validation.npz``: held-out ``masks``, ``measured`` nll, ensemble ``predicted`` nll, ``predicted_std``;
-- ``fit.png``: predicted vs measured on the held-out masks;
+- ``member_<i>.pt`` + ``metadata.json`` (model id/hash, n_layers, dataset hash, target normalisation, removed
+  counts of the rows, architecture, training settings, validation metrics): see checkpoint.py;
+- ``validation.npz``: held-out ``masks``, ``measured`` nll, out-of-fold ``predicted`` nll, ensemble
+  ``predicted_std``;
+- ``fit.png``: out-of-fold predicted vs measured;
 - ``history.csv``: member, epoch, train_loss, val_loss (standardized units).
 
 Example:
@@ -29,11 +30,11 @@ from tqdm.auto import tqdm
 
 from layershap.oracle.errors import LayershapError
 
-from .checkpoint import Surrogate
-from .data import MaskDataModule
+from .checkpoint import TARGET, Surrogate
+from .data import MaskDataModule, folds_for
 from .metrics import fit_metrics
 from .model import MaskMLP
-from .network import MaskNet
+from .network import DEFAULT_HIDDEN, MaskNet
 from .plot_fit import VALIDATION_FILE, plot_fit
 
 STORE_KEYS = ("model_id", "model_hash", "layer_types", "text_id", "windows_sha256", "n_windows", "seq_len", "dtype")
@@ -55,7 +56,7 @@ def train_surrogate(
     *,
     members: int = 1,
     seed: int = 0,
-    hidden: int = 256,
+    hidden: int = DEFAULT_HIDDEN,
     max_epochs: int = 500,
     val_fraction: float = 0.2,
     progress: bool = True,
@@ -73,7 +74,7 @@ def train_surrogate(
     from layershap.oracle.store import DatasetStore
 
     store = DatasetStore.open(store_path)
-    dm = MaskDataModule.from_store(store, val_fraction=val_fraction, seed=seed, batch_size=batch_size)
+    dm = MaskDataModule.from_store(store, folds=folds_for(members, val_fraction), seed=seed, batch_size=batch_size)
     attrs = store.attrs
     provenance = {
         "model_id": attrs.get("model_id"), "model_hash": attrs.get("model_hash"),
@@ -93,7 +94,7 @@ def train_ensemble(
     provenance: dict | None = None,
     members: int = 1,
     seed: int = 0,
-    hidden: int = 256,
+    hidden: int = DEFAULT_HIDDEN,
     depth: int = 2,
     max_epochs: int = 500,
     patience: int = 50,
@@ -105,11 +106,13 @@ def train_ensemble(
 
     ``provenance``: model_id, model_hash, dataset_hash, ... copied into metadata.json (for in-memory data
     pass e.g. ``{"model_id": "synthetic", "model_hash": None, "dataset_hash": None}``).
-    Returns ``{"overall": {...}, "by_removed": [...]}`` of :func:`~layershap.surrogate.metrics.fit_metrics`
-    for the ensemble mean on the held-out masks.
+    Member ``i`` validates (early stopping, best epoch) on fold ``i mod dm.folds`` and trains on the rest, so the
+    ensemble learns from every row. Returns ``{"overall": {...}, "by_removed": [...]}`` of
+    :func:`~layershap.surrogate.metrics.fit_metrics` on the out-of-fold predictions: each held-out row predicted
+    by the member(s) that did not train on it (cross-validation, never a row a member saw).
 
     Example:
-        >>> dm = MaskDataModule.from_arrays(masks, nll, seed=0)
+        >>> dm = MaskDataModule.from_arrays(masks, nll, folds=5, seed=0)
         >>> train_ensemble(dm, "out", members=3, hidden=64, max_epochs=200)["overall"]["spearman"]
     """
     if members < 1:
@@ -121,36 +124,47 @@ def train_ensemble(
     started = time.perf_counter()
     seeds = member_seeds(seed, members)
     nets, runs, history = [], [], []
+    oof_sum = np.zeros(len(dm.nll))
+    oof_count = np.zeros(len(dm.nll), dtype=np.int64)
     for i, s in enumerate(seeds):
+        dm.hold_out(i % dm.folds)
         net, run, hist = fit_member(
             dm, s, hidden=hidden, depth=depth, max_epochs=max_epochs, patience=patience, lr=lr,
             weight_decay=weight_decay, progress=progress, label=f"member {i + 1}/{members}",
         )
+        run["fold"] = dm.fold
         nets.append(net)
         runs.append(run)
         history += [(i, *row) for row in hist]
+        member = Surrogate([net], {"n_layers": dm.n_layers, "target": TARGET, "target_mean": dm.target_mean,
+                                   "target_std": dm.target_std, "removed_counts": dm.removed_counts})
+        oof_sum[dm.val_index] += member.predict_nll(dm.masks[dm.val_index])
+        oof_count[dm.val_index] += 1
     provenance = dict(provenance or {})
     metadata = {
         "model_id": provenance.pop("model_id", None), "model_hash": provenance.pop("model_hash", None),
         "n_layers": dm.n_layers, "dataset_hash": provenance.pop("dataset_hash", None),
-        "nll_mean": dm.nll_mean, "nll_std": dm.nll_std, "removed_counts": dm.removed_counts,
+        "target": TARGET, "target_mean": dm.target_mean, "target_std": dm.target_std,
+        "removed_counts": dm.removed_counts,
         **provenance,
-        "split": {"rows": len(dm.nll), "train": len(dm.train_index), "val": len(dm.val_index),
-                  "val_fraction": dm.val_fraction, "seed": dm.seed, "stratified_by": "removed-layer count"},
+        "split": {"rows": len(dm.nll), "folds": dm.folds, "seed": dm.seed, "stratified_by": "removed-layer count",
+                  "held_out": int((oof_count > 0).sum()), "rule": "member i validates on fold i mod folds"},
         "training": {"seed": seed, "members": members, "member_seeds": seeds, "max_epochs": max_epochs,
                      "patience": patience, "lr": lr, "weight_decay": weight_decay, "batch_size": dm.batch_size,
-                     "loss": "mse on standardized nll", "optimizer": "adam", "runs": runs},
+                     "loss": "mse on standardized log(nll)", "optimizer": "adam", "runs": runs},
     }
     surrogate = Surrogate(nets, metadata)
-    val_masks, val_nll = dm.masks[dm.val_index], dm.nll[dm.val_index]
-    predicted, spread = surrogate.predict(val_masks)
+    held = np.flatnonzero(oof_count > 0)
+    val_masks, val_nll = dm.masks[held], dm.nll[held]
+    predicted = oof_sum[held] / oof_count[held]
+    spread = surrogate.predict_std(val_masks)
     metrics = fit_metrics(val_masks, val_nll, predicted)
     metadata["metrics"] = metrics
     metadata["training"]["seconds"] = round(time.perf_counter() - started, 3)
     surrogate.save(out)
     np.savez(out / VALIDATION_FILE, masks=val_masks, measured=val_nll, predicted=predicted, predicted_std=spread)
     plot_fit(val_nll, predicted, (~val_masks).sum(axis=1), out / "fit.png", predicted_std=spread,
-             title=f"surrogate on {len(val_nll)} held-out masks ({members} member{'s' * (members > 1)})")
+             title=f"surrogate, out-of-fold on {len(val_nll)} masks ({members} member{'s' * (members > 1)})")
     lines = ["member,epoch,train_loss,val_loss"] + [f"{m},{e},{t!r},{v!r}" for m, e, t, v in history]
     (out / "history.csv").write_text("\n".join(lines) + "\n")
     return metrics
@@ -232,7 +246,7 @@ def fit_member(
     dm: MaskDataModule,
     seed: int,
     *,
-    hidden: int = 256,
+    hidden: int = DEFAULT_HIDDEN,
     depth: int = 2,
     max_epochs: int = 500,
     patience: int = 50,

@@ -15,7 +15,7 @@ from sklearn.metrics import r2_score
 from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
 from layershap.sampling.stratified import stratified_masks
 from layershap.surrogate.checkpoint import Surrogate, load_surrogate
-from layershap.surrogate.data import MaskDataModule, stratified_split
+from layershap.surrogate.data import MaskDataModule, folds_for, stratified_folds
 from layershap.surrogate.metrics import fit_metrics, format_metrics_table, regression_metrics
 from layershap.surrogate.network import MaskNet, encode_masks
 from layershap.surrogate.train import member_seeds, train_ensemble
@@ -33,9 +33,13 @@ def smooth_game(masks: np.ndarray) -> np.ndarray:
     return 2.0 + r @ w + np.einsum("ki,ij,kj->k", r, p, r)
 
 
+def game_data_masks() -> np.ndarray:
+    return stratified_masks(N, 200, seed=0)
+
+
 @pytest.fixture(scope="module")
 def game_data() -> tuple[np.ndarray, np.ndarray]:
-    masks = stratified_masks(N, 200, seed=0)
+    masks = game_data_masks()
     return masks, smooth_game(masks)
 
 
@@ -94,32 +98,45 @@ def test_fit_metrics_per_stratum_and_table():
 
 
 # ------------------------------------------------------------------ split and data
-def test_stratified_split_proportions_and_determinism():
-    removed = np.repeat([1, 2, 3, 4], [10, 40, 40, 1])
-    train, val = stratified_split(removed, 0.25, seed=3)
-    assert len(val) == round(0.25 * len(removed))
-    assert np.intersect1d(train, val).size == 0 and len(train) + len(val) == len(removed)
-    counts = {r: int((removed[val] == r).sum()) for r in (1, 2, 3, 4)}
-    assert counts[2] == counts[3] == 10 and counts[4] == 0  # a single-row stratum stays in training
-    assert abs(counts[1] - 2.5) <= 1
-    again, _ = stratified_split(removed, 0.25, seed=3)
-    assert np.array_equal(train, again)
-    other, _ = stratified_split(removed, 0.25, seed=4)
-    assert not np.array_equal(train, other)
+def test_stratified_folds_balance_and_determinism():
+    removed = np.repeat([0, 1, 2, 3], [1, 10, 40, 3])
+    fold = stratified_folds(removed, 4, seed=3)
+    assert fold[0] == -1  # a single-row stratum (the full model) is always trained on
+    assert set(fold[1:].tolist()) == {0, 1, 2, 3}
+    for r in (1, 2, 3):
+        per_fold = np.bincount(fold[removed == r], minlength=4)
+        assert per_fold.max() - per_fold.min() <= 1  # each stratum dealt evenly over the folds
+    assert (np.bincount(fold[removed == 2], minlength=4) == 10).all()
+    for j in range(4):  # whichever fold is held out, every stratum keeps training rows
+        assert set(removed[fold != j].tolist()) == {0, 1, 2, 3}
+    assert np.array_equal(fold, stratified_folds(removed, 4, seed=3))
+    assert not np.array_equal(fold, stratified_folds(removed, 4, seed=4))
+    assert folds_for(3, 0.2) == 5 and folds_for(10, 0.2) == 10 and folds_for(1, 0.5) == 2
     with pytest.raises(LayershapError, match="between 0 and 1"):
-        stratified_split(removed, 1.0, seed=0)
+        folds_for(3, 1.0)
+    with pytest.raises(LayershapError, match="at least 2 folds"):
+        stratified_folds(removed, 1, seed=0)
 
 
-def test_datamodule_normalisation_and_errors(game_data):
+def test_datamodule_normalisation_folds_and_errors(game_data):
     masks, nll = game_data
-    dm = MaskDataModule.from_arrays(masks, nll, val_fraction=0.2, seed=0)
-    train, _ = stratified_split((~masks).sum(1), 0.2, seed=0)
-    assert dm.nll_mean == pytest.approx(nll[train].mean()) and dm.nll_std == pytest.approx(nll[train].std())
+    dm = MaskDataModule.from_arrays(masks, nll, folds=5, seed=0)
+    assert dm.target_mean == pytest.approx(np.log(nll).mean()) and dm.target_std == pytest.approx(np.log(nll).std())
+    assert np.allclose(dm.standardize(nll), (np.log(nll) - np.log(nll).mean()) / np.log(nll).std())
     assert dm.removed_counts == [0, 1, 2, 3, 4, 5]
+    seen = np.zeros(len(nll), int)
+    for j in range(5):
+        dm.hold_out(j)
+        assert np.intersect1d(dm.train_index, dm.val_index).size == 0
+        assert len(dm.train_index) + len(dm.val_index) == len(nll)
+        seen[dm.val_index] += 1
+    assert set(seen.tolist()) == {0, 1} and seen.sum() == len(nll) - 1  # only the full-model row is never held out
     bad = nll.copy()
     bad[3] = np.nan
     with pytest.raises(LayershapError, match="NaN"):
         MaskDataModule.from_arrays(masks, bad)
+    with pytest.raises(LayershapError, match="must be positive"):
+        MaskDataModule.from_arrays(masks, nll - 3.0)
     with pytest.raises(LayershapError, match="same nll"):
         MaskDataModule.from_arrays(masks, np.full(len(masks), 3.0))
     with pytest.raises(LayershapError, match="a few dozen"):
@@ -133,9 +150,10 @@ def test_ensemble_learns_smooth_game(ensemble_dir, game_data):
     with np.load(ensemble_dir / "validation.npz") as v:
         masks, measured, predicted, spread = v["masks"], v["measured"], v["predicted"], v["predicted_std"]
     assert np.array_equal(measured, smooth_game(masks))  # held-out targets are the game's values
-    # held-out masks are not training masks: the split partitions the data
-    all_keys = {row.tobytes() for row in game_data[0]}
-    assert {row.tobytes() for row in masks} <= all_keys and len(masks) == 40
+    # 3 members validate on folds 0, 1, 2 of 5: the held-out rows are exactly those folds' rows
+    fold = stratified_folds((~game_data[0]).sum(1), 5, seed=0)
+    expected = {row.tobytes() for row in game_data[0][np.isin(fold, [0, 1, 2])]}
+    assert {row.tobytes() for row in masks} == expected and len(masks) == len(expected)
     assert stats.spearmanr(measured, predicted).statistic >= 0.95
     metrics = json.loads((ensemble_dir / "returned_metrics.json").read_text())
     assert metrics["overall"]["spearman"] == pytest.approx(stats.spearmanr(measured, predicted).statistic)
@@ -149,34 +167,43 @@ def test_ensemble_learns_smooth_game(ensemble_dir, game_data):
 def test_metadata_contents(ensemble_dir, game_data):
     meta = json.loads((ensemble_dir / "metadata.json").read_text())
     masks, nll = game_data
-    train, _ = stratified_split((~masks).sum(1), 0.2, seed=0)
     assert meta["model_id"] == "synthetic" and meta["model_hash"] == "h0" and meta["n_layers"] == N
-    assert meta["nll_mean"] == pytest.approx(nll[train].mean())
-    assert meta["nll_std"] == pytest.approx(nll[train].std())
+    assert meta["target"] == "log_nll"
+    assert meta["target_mean"] == pytest.approx(np.log(nll).mean())
+    assert meta["target_std"] == pytest.approx(np.log(nll).std())
     assert meta["removed_counts"] == [0, 1, 2, 3, 4, 5]
     assert meta["architecture"]["hidden"] == 32 and meta["architecture"]["depth"] == 2
     assert meta["training"]["members"] == 3 and meta["training"]["member_seeds"] == member_seeds(0, 3)
     assert len(set(meta["training"]["member_seeds"])) == 3
     assert meta["member_files"] == ["member_0.pt", "member_1.pt", "member_2.pt"]
-    assert meta["split"]["val"] == 40 and meta["split"]["train"] == 160
+    fold = stratified_folds((~masks).sum(1), 5, seed=0)
+    assert meta["split"]["folds"] == 5 and meta["split"]["rows"] == len(nll)
+    assert meta["split"]["held_out"] == int(np.isin(fold, [0, 1, 2]).sum())
+    assert [run["fold"] for run in meta["training"]["runs"]] == [0, 1, 2]
 
 
 def test_checkpoint_round_trip_and_value_function(ensemble_dir):
     sur = load_surrogate(ensemble_dir)
     with np.load(ensemble_dir / "validation.npz") as v:
         masks, predicted, spread = v["masks"], v["predicted"], v["predicted_std"]
-    assert np.array_equal(sur.predict_nll(masks), predicted)  # bitwise, as computed before saving
-    assert np.array_equal(sur.predict_std(masks), spread)
-    assert np.array_equal(sur(masks), -predicted)
+    assert np.array_equal(sur.predict_std(masks), spread)  # bitwise, as computed before saving
     # independent recomputation from the raw member networks
     x = torch.from_numpy(masks.astype(np.float32) * 2 - 1)
     with torch.no_grad():
         outs = np.stack([net(x).double().numpy() for net in sur.nets])
-    assert np.allclose(outs.mean(0) * sur.nll_std + sur.nll_mean, predicted, atol=1e-6)
-    assert np.allclose(outs.std(0, ddof=1) * sur.nll_std, spread, atol=1e-6)
+    member_nll = np.exp(outs * sur.target_std + sur.target_mean)
+    assert np.allclose(member_nll.std(0, ddof=1), spread, atol=1e-6)
+    assert np.allclose(member_nll.mean(0), sur.predict_nll(masks), atol=1e-6)
+    assert np.allclose(sur(masks), -member_nll.mean(0), atol=1e-6)
+    # out-of-fold: each held-out row is predicted by the member that validated on its fold (member j: fold j)
+    fold = stratified_folds((~game_data_masks()).sum(1), 5, seed=0)
+    fold_of = {row.tobytes(): f for row, f in zip(game_data_masks(), fold)}
+    member = np.array([fold_of[row.tobytes()] for row in masks])
+    assert np.allclose(predicted, member_nll[member, np.arange(len(masks))], atol=1e-6)
+    assert not np.allclose(predicted, member_nll.mean(0), atol=1e-6)  # not the ensemble mean (that saw the rows)
     # chunking does not change the answer
     small = Surrogate(sur.nets, sur.metadata, chunk_size=7)
-    assert np.allclose(small.predict_nll(masks), predicted, atol=1e-6)
+    assert np.allclose(small.predict_nll(masks), sur.predict_nll(masks), atol=1e-6)
     assert sur.members == 3 and sur.n_layers == N and sur.removed_counts == [0, 1, 2, 3, 4, 5]
 
 
@@ -213,14 +240,15 @@ def test_million_masks_in_chunks():
     n = 20
     torch.manual_seed(0)
     net = MaskNet(n, hidden=8, depth=2)
-    sur = Surrogate([net], {"n_layers": n, "nll_mean": 3.0, "nll_std": 0.5, "removed_counts": [1]})
+    sur = Surrogate([net], {"n_layers": n, "target": "log_nll", "target_mean": 1.0, "target_std": 0.5,
+                            "removed_counts": [1]})
     codes = np.arange(2**n, dtype=np.uint32)
     masks = ((codes[:, None] >> np.arange(n, dtype=np.uint32)) & 1).astype(bool)
     pred = sur.predict_nll(masks)
     assert pred.shape == (2**n,) and pred.dtype == np.float64 and np.isfinite(pred).all()
     rows = np.array([0, 12345, 2**n - 1])
     with torch.no_grad():
-        direct = net(encode_masks(masks[rows])).double().numpy() * 0.5 + 3.0
+        direct = np.exp(net(encode_masks(masks[rows])).double().numpy() * 0.5 + 1.0)
     assert np.allclose(pred[rows], direct, atol=1e-6)
 
 
