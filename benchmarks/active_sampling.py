@@ -1,10 +1,14 @@
 """Active sampling vs plain stratified sampling: oracle passes needed to reach a reference layer ranking.
 
-1. Reference: a surrogate trained on ``--reference`` stratified masks gives the reference scores (the index the
-   data support: the pruning-range semivalue for the default strata).
+1. Reference: a surrogate (``--reference-members`` members, to keep training noise out of the reference) trained
+   on ``--reference`` stratified masks gives the reference scores (the index the data support: the
+   pruning-range semivalue for the default strata).
 2. Active: :func:`layershap.surrogate.active.run_active_sampling` from ``--initial`` stratified masks, adding
    ``--batch`` masks per round where the ensemble disagrees, until its ranking is stable or ``--budget`` is spent.
-3. Stratified: surrogates trained on plain stratified sets of growing size (another seed than the reference).
+   Every round's surrogate (package defaults, as ``layershap run --budget`` trains it) is compared with the
+   reference.
+3. Stratified: surrogates (package defaults) trained on plain stratified sets of growing size (another seed
+   than the reference).
 
 "Reaches the reference" = Kendall tau >= 0.9 against the reference scores and the same 5 least-important layers.
 Every mask measured once is kept in ``--out/measured.zarr`` and reused by all three (an oracle pass is counted
@@ -25,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import kendalltau
+
+from layershap.surrogate.network import DEFAULT_HIDDEN
 
 
 class SharedOracle:
@@ -56,13 +62,16 @@ class SharedOracle:
         return np.array([lookup[row.tobytes()] for row in masks])
 
 
-def scores_of(store_path: Path, out_dir: Path, args: argparse.Namespace):
+def scores_of(store_path: Path | None, out_dir: Path, args: argparse.Namespace, members: int | None = None):
+    """Scores of the surrogate in ``out_dir``, trained there first on ``store_path`` unless that is None."""
     from layershap.surrogate.checkpoint import load_surrogate
     from layershap.surrogate.semivalues import default_index
     from layershap.surrogate.shapley import compute_scores
     from layershap.surrogate.train import train_surrogate
 
-    train_surrogate(store_path, out_dir, members=args.members, seed=args.seed, hidden=args.hidden, progress=False)
+    if store_path is not None:
+        train_surrogate(store_path, out_dir, members=members or args.members, seed=args.seed, hidden=args.hidden,
+                        progress=False)
     sur = load_surrogate(out_dir)
     return compute_scores(sur, sur.n_layers, default_index(sur.removed_counts, sur.n_layers), method="auto",
                           progress=False)
@@ -85,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="masks added per active round")
     p.add_argument("--budget", type=int, default=128, help="most oracle passes active sampling may spend")
     p.add_argument("--sizes", default="40,64,96,128", help="plain stratified set sizes to compare")
-    p.add_argument("--members", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--members", type=int, default=8, help="members of the active and stratified surrogates")
+    p.add_argument("--reference-members", type=int, default=10, help="members of the reference surrogate")
+    p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-active")
     p.add_argument("--reuse", default=None, help="an existing store on the same model and windows: its rows are "
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{loaded.model_id}: {n} layers; {args.windows} x {args.seq_len} tokens of {text.text_id}")
     ref_path = store_for("reference", stratified_masks(n, args.reference, seed=args.seed))
-    reference = scores_of(ref_path, out / "reference-surrogate", args)
+    reference = scores_of(ref_path, out / "reference-surrogate", args, members=args.reference_members)
     print(f"reference: {args.reference} stratified masks, index {reference.index}, "
           f"ranking (least important first) {reference.ranking().tolist()}")
 
@@ -138,33 +148,42 @@ def main(argv: list[str] | None = None) -> int:
     report = run_active_sampling(oracle, active_store, budget=args.budget, initial=args.initial, batch=args.batch,
                                  seed=args.seed + 1, members=args.members, hidden=args.hidden,
                                  out_dir=out / "active-rounds", progress=False)
-    active_scores = scores_of(out / "active.zarr", out / "active-surrogate", args)
-    tau_a, same_a = agreement(active_scores, reference)
     print(f"active: stopped '{report['stopped']}' after {len(report['rounds'])} rounds, {len(active_store)} oracle "
-          f"passes; vs reference tau {tau_a:.3f}, same top-5 {same_a}")
+          f"passes ({report['criterion']['rule']})")
+    active_rows = []
     for r in report["rounds"]:
+        tau_ref, same_ref = agreement(scores_of(None, out / "active-rounds" / f"round_{r['round']:02d}", args),
+                                      reference)
+        active_rows.append((r["rows"], tau_ref, same_ref))
         tau = "  -  " if r["tau"] is None else f"{r['tau']:.3f}"
-        print(f"  round {r['round']}: rows {r['rows']}, tau vs previous {tau}, same top-5 {r['same_top_k']}, "
-              f"added {r['added']}")
+        print(f"  round {r['round']}: {r['rows']:4d} passes; vs reference tau {tau_ref:.3f}, same top-5 "
+              f"{same_ref!s:5}; vs previous round tau {tau}, same top-5 {r['same_top_k']}")
 
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         path = store_for(f"stratified-{size}", stratified_masks(n, size, seed=args.seed + 1))
         tau, same = agreement(scores_of(path, out / f"stratified-{size}-surrogate", args), reference)
         rows.append((size, tau, same))
-        print(f"stratified {size:4d} masks: vs reference tau {tau:.3f}, same top-5 {same}")
-    reached = [size for size, tau, same in rows if tau >= 0.9 and same]
-    first = min(reached) if reached else None
-    active_ok = tau_a >= 0.9 and same_a
-    ratio = f"{len(active_store) / first:.2f}" if first and active_ok else "n/a"
-    print(f"passes to reach the reference (tau >= 0.9, same top-5): active "
-          f"{len(active_store) if active_ok else 'not reached'}, stratified {first or 'not reached'} "
-          f"(of sizes {args.sizes}); ratio active/stratified {ratio}")
+        print(f"stratified {size:4d} passes: vs reference tau {tau:.3f}, same top-5 {same}")
+
+    def first_reached(table: list[tuple[int, float, bool]]) -> int | None:
+        hits = [passes for passes, tau, same in table if tau >= 0.9 and same]
+        return min(hits) if hits else None
+
+    first_active, first_strat = first_reached(active_rows), first_reached(rows)
+    print(f"passes to reach the reference (tau >= 0.9, same top-5): active {first_active or 'not reached'} "
+          f"(budget {args.budget}), stratified {first_strat or 'not reached'} (of sizes {args.sizes}); "
+          f"reference {args.reference} passes")
+    if first_active:
+        print(f"active / reference passes: {first_active / args.reference:.2f} (target <= 0.5)"
+              + (f"; active / stratified: {first_active / first_strat:.2f}" if first_strat else ""))
     print(f"{len(cache)} distinct masks measured in all; {time.perf_counter() - started:.0f} s")
     (out / "active_vs_stratified.json").write_text(json.dumps({
         "reference": {"masks": args.reference, "index": reference.index, "ranking": reference.ranking().tolist()},
-        "active": {"passes": len(active_store), "tau": tau_a, "same_top5": same_a, "report": report},
-        "stratified": [{"masks": s, "tau": t, "same_top5": m} for s, t, m in rows],
+        "active": {"passes": len(active_store), "first_reached": first_active,
+                   "rounds_vs_reference": [{"passes": p, "tau": t, "same_top5": m} for p, t, m in active_rows],
+                   "report": report},
+        "stratified": [{"masks": s, "tau": t, "same_top5": m} for s, t, m in rows], "first_reached": first_strat,
     }, indent=2, default=str))
     return 0
 

@@ -15,9 +15,12 @@ import numpy as np
 
 from .errors import MaskError
 from .layers import check_masks, find_layers, layer_types
+from .prefix import trie_order
 
-# Masks per evaluator call: enough for prefix sharing to pay, few enough that a kill loses little work.
-MASKS_PER_CALL = 8
+# Masks per evaluator call, taken in trie order: 128 stratified masks of an 18-layer model need 920 layer
+# forwards in groups of 32 (909 all at once, 1694 without sharing; 1350 in request-order groups of 8),
+# and a kill loses at most one group (~1 minute for Gemma-3-270M on 2 CPU cores).
+MASKS_PER_CALL = 32
 
 if TYPE_CHECKING:
     from .evaluate import MaskedEvaluator
@@ -73,10 +76,12 @@ def measure_masks(
     progress: bool = True,
     masks_per_call: int = MASKS_PER_CALL,
 ) -> int:
-    """Evaluate the masks not yet in ``store``, in request order, appending rows as they finish.
+    """Evaluate the masks not yet in ``store``, appending rows as they finish.
 
-    Masks go to the evaluator in groups of ``masks_per_call`` (so masks sharing their first kept layers
-    share that computation); each group is committed as soon as it is measured, and each row's
+    The masks are put in depth-first order of their kept-layer trie (:func:`~layershap.oracle.prefix.trie_order`)
+    and go to the evaluator in groups of ``masks_per_call``, so consecutive masks share long kept-layer
+    prefixes and each group computes every shared prefix once; each group is committed as soon as it is
+    measured, and each row's
     ``seconds`` is its share of the group's wall-clock time. Repeated masks in the request are measured
     once. Returns the number of rows added. Killing the process loses at most the group being measured;
     running again measures only what is missing.
@@ -95,6 +100,7 @@ def measure_masks(
     todo = todo[store.missing(todo)]
     if len(todo) == 0:
         return 0
+    todo = todo[trie_order(todo)]
     from tqdm.auto import tqdm
 
     if masks_per_call < 1:

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--cache-mb", type=positive_int, default=None,
                         help="memory budget for cached hidden states of shared layer prefixes (oracle)")
-    parser.add_argument("--members", type=positive_int, default=3, help="surrogate ensemble size (default 3)")
+    parser.add_argument("--members", type=positive_int, default=8, help="surrogate ensemble size (default 8)")
     parser.add_argument("--hidden", type=positive_int, default=DEFAULT_HIDDEN,
                         help=f"surrogate hidden units (default {DEFAULT_HIDDEN})")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
