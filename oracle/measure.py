@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,6 +70,43 @@ def unique_rows(masks: np.ndarray) -> np.ndarray:
     return masks[keep]
 
 
+def measure_in_groups(
+    evaluator: MaskedEvaluator,
+    masks: np.ndarray,
+    on_group: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+    *,
+    progress: bool = True,
+    desc: str = "measuring masks",
+    masks_per_call: int = MASKS_PER_CALL,
+) -> int:
+    """Run distinct ``masks`` through ``evaluator`` in kept-layer trie order, ``masks_per_call`` at a time.
+
+    After each group, ``on_group(group_masks, nll, seconds)`` gets the group's rows (``seconds``: each row's
+    share of the group's wall-clock time), so callers commit results as they finish. Consecutive masks in trie
+    order (:func:`~layershap.oracle.prefix.trie_order`) share long kept-layer prefixes, which each group
+    computes once. Returns the number of masks measured.
+
+    Example:
+        >>> measure_in_groups(evaluator, masks, lambda m, v, s: print(len(m)), progress=False)
+    """
+    if masks_per_call < 1:
+        raise ValueError(f"masks_per_call must be >= 1, got {masks_per_call}")
+    todo = unique_rows(np.asarray(masks, dtype=bool))
+    if len(todo) == 0:
+        return 0
+    todo = todo[trie_order(todo)]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(todo), unit="mask", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), masks_per_call):
+            group = todo[start : start + masks_per_call]
+            began = time.perf_counter()
+            nll = evaluator.nll(group)
+            on_group(group, nll, np.full(len(group), (time.perf_counter() - began) / len(group)))
+            bar.update(len(group))
+    return len(todo)
+
+
 def measure_masks(
     evaluator: MaskedEvaluator,
     store: DatasetStore,
@@ -76,15 +114,10 @@ def measure_masks(
     progress: bool = True,
     masks_per_call: int = MASKS_PER_CALL,
 ) -> int:
-    """Evaluate the masks not yet in ``store``, appending rows as they finish.
+    """Evaluate the masks not yet in ``store`` (:func:`measure_in_groups`), appending each group as it finishes.
 
-    The masks are put in depth-first order of their kept-layer trie (:func:`~layershap.oracle.prefix.trie_order`)
-    and go to the evaluator in groups of ``masks_per_call``, so consecutive masks share long kept-layer
-    prefixes and each group computes every shared prefix once; each group is committed as soon as it is
-    measured, and each row's
-    ``seconds`` is its share of the group's wall-clock time. Repeated masks in the request are measured
-    once. Returns the number of rows added. Killing the process loses at most the group being measured;
-    running again measures only what is missing.
+    Repeated masks in the request are measured once. Returns the number of rows added. Killing the process
+    loses at most the group being measured; running again measures only what is missing.
 
     Example:
         >>> measure_masks(evaluator, store, parse_mask_spec("loo", store.n_layers, None, 0))
@@ -95,31 +128,9 @@ def measure_masks(
             f"the model has {evaluator.n_layers} decoder layers but the store {store.path} holds "
             f"{store.n_layers}-layer masks; use the store's model or another store"
         )
-    arr = check_masks(masks, store.n_layers)
-    todo = unique_rows(arr)
-    todo = todo[store.missing(todo)]
-    if len(todo) == 0:
-        return 0
-    todo = todo[trie_order(todo)]
-    from tqdm.auto import tqdm
-
-    if masks_per_call < 1:
-        raise ValueError(f"masks_per_call must be >= 1, got {masks_per_call}")
-    bar = tqdm(total=len(todo), unit="mask", desc="measuring masks", disable=not progress, dynamic_ncols=True)
-    added = 0
-    try:
-        for start in range(0, len(todo), masks_per_call):
-            group = todo[start : start + masks_per_call]
-            began = time.perf_counter()
-            nll = evaluator.nll(group)
-            seconds = np.full(len(group), (time.perf_counter() - began) / len(group))
-            store.append(group, nll, seconds)
-            added += len(group)
-            bar.set_postfix(best_nll=f"{store.nll.min():.3f}", refresh=False)
-            bar.update(len(group))
-    finally:
-        bar.close()
-    return added
+    todo = unique_rows(check_masks(masks, store.n_layers))
+    return measure_in_groups(evaluator, todo[store.missing(todo)], store.append, progress=progress,
+                             masks_per_call=masks_per_call)
 
 
 class StoreOracle:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from layershap.oracle.errors import LayershapError, StoreMismatchError
+from layershap.oracle.measure import measure_in_groups
 
 from .baselines import Removal
 
@@ -44,7 +44,6 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "cuda": {"windows": 16, "seq_len": 512, "eval_windows": 32, "eval_seq_len": 1024, "batch_size": 8,
              "budget": 256},
 }
-MASKS_PER_CALL = 8  # masks per oracle call, so progress bars move and prefix sharing still helps
 
 LAYERSHAP_LOWEST = "layershap: lowest scores"
 LAYERSHAP_SEARCH = "layershap: subset search"
@@ -101,22 +100,9 @@ class CachedOracle:
 
     def nll(self, masks: np.ndarray) -> np.ndarray:
         masks = np.asarray(masks, dtype=bool).reshape(-1, self.n_layers)
-        todo, seen = [], set()
-        for m in masks:
-            key = m.tobytes()
-            if key not in self.cache and key not in seen:
-                seen.add(key)
-                todo.append(m)
-        if todo:
-            todo_arr = np.array(todo)
-            todo_arr = todo_arr[np.lexsort(todo_arr.T[::-1])[::-1]]  # shared kept prefixes next to each other
-            with tqdm(total=len(todo_arr), desc=self.label, unit="mask", disable=not self.progress,
-                      leave=False) as bar:
-                for start in range(0, len(todo_arr), MASKS_PER_CALL):
-                    chunk = todo_arr[start : start + MASKS_PER_CALL]
-                    self.seed(chunk, self.evaluator.nll(chunk))
-                    self.measured += len(chunk)
-                    bar.update(len(chunk))
+        todo = np.array([m for m in masks if m.tobytes() not in self.cache]).reshape(-1, self.n_layers)
+        self.measured += measure_in_groups(self.evaluator, todo, lambda group, nll, _: self.seed(group, nll),
+                                           progress=self.progress, desc=self.label)
         return np.array([self.cache[m.tobytes()] for m in masks])
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
