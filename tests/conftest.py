@@ -91,6 +91,15 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", n_layers: int = 4, seed
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run ~100x faster on one thread when the 2 shared cores are busy (no OpenMP barrier waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import kendalltau
 
 from layershap.oracle.errors import LayershapError
@@ -19,13 +18,7 @@ N = 8
 FAST_TRAIN = {"max_epochs": 120, "patience": 15, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~100x faster on one thread when the 2 shared cores are busy (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SyntheticOracle:

@@ -16,13 +16,7 @@ from layershap.oracle.prefix import plan_prefix_runs, trie_order
 N_LAYERS = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~100x faster on one thread when the 2 shared cores are busy (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(seed: int = 1, n: int = 3, length: int = 17) -> torch.Tensor:
