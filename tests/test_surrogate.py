@@ -14,7 +14,7 @@ from sklearn.metrics import r2_score
 
 from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
 from layershap.sampling.stratified import stratified_masks
-from layershap.surrogate.checkpoint import Surrogate, load_surrogate
+from layershap.surrogate.checkpoint import PREDICT_CHUNK_BYTES, Surrogate, load_surrogate, predict_chunk
 from layershap.surrogate.data import MaskDataModule, folds_for, stratified_folds
 from layershap.surrogate.metrics import fit_metrics, format_metrics_table, regression_metrics
 from layershap.surrogate.network import MaskNet, encode_masks
@@ -312,3 +312,15 @@ def test_train_cli_end_to_end_and_store_checks(tmp_path, game_data, capsys):
 
     rc = main(["train", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "no dataset store" in capsys.readouterr().err
+
+
+def test_predict_chunk_keeps_activations_near_two_mib():
+    for hidden in (8, 64, 128, 256, 1000):
+        chunk = predict_chunk(hidden)
+        assert chunk & (chunk - 1) == 0  # a power of two
+        assert chunk >= 256
+        assert chunk == 256 or chunk * hidden * 4 <= PREDICT_CHUNK_BYTES < 2 * chunk * hidden * 4
+    net = MaskNet(N, hidden=64, depth=2)
+    sur = Surrogate([net], {"n_layers": N, "target": "log_nll", "target_mean": 1.0, "target_std": 0.5,
+                            "removed_counts": [1]})
+    assert sur.chunk_size == predict_chunk(64) == 8192
