@@ -15,8 +15,9 @@ Every mask measured once is kept in ``--out/measured.zarr`` and reused by all th
 per distinct mask each method asks for, whether or not it was already measured for another method).
 
 Example:
-    $ python benchmarks/active_sampling.py                       # Gemma-3-270M, 4 x 128 tokens of builtin text
-    $ python benchmarks/active_sampling.py --reference 192 --budget 96
+    $ python benchmarks/active_sampling.py             # Gemma-3-270M, 4 x 128 tokens of builtin text (~35 min)
+    $ python benchmarks/active_sampling.py --reuse runs/bench-active/measured.zarr      # reuse measured masks
+    $ python benchmarks/active_sampling.py --reference 192 --initial 40 --batch 16 --budget 96 --sizes 48,96
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--reference", type=int, default=256, help="stratified masks behind the reference ranking")
-    p.add_argument("--initial", type=int, default=40, help="initial stratified set of active sampling")
-    p.add_argument("--batch", type=int, default=16, help="masks added per active round")
-    p.add_argument("--budget", type=int, default=128, help="most oracle passes active sampling may spend")
-    p.add_argument("--sizes", default="40,64,96,128", help="plain stratified set sizes to compare")
+    p.add_argument("--reference", type=int, default=512, help="stratified masks behind the reference ranking")
+    p.add_argument("--initial", type=int, default=64, help="initial stratified set of active sampling")
+    p.add_argument("--batch", type=int, default=32, help="masks added per active round")
+    p.add_argument("--budget", type=int, default=256, help="most oracle passes active sampling may spend "
+                   "(target: reach the reference with at most half of --reference)")
+    p.add_argument("--sizes", default="64,128,192,256", help="plain stratified set sizes to compare")
     p.add_argument("--members", type=int, default=8, help="members of the active and stratified surrogates")
     p.add_argument("--reference-members", type=int, default=10, help="members of the reference surrogate")
     p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN)
