@@ -52,6 +52,17 @@ def stratified_folds(removed: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def canonical_order(masks: np.ndarray) -> np.ndarray:
+    """Row order that depends only on the rows' contents (lexicographic over the mask bits).
+
+    Example:
+        >>> canonical_order(np.array([[1, 1], [0, 1], [1, 0]], bool)).tolist()
+        [1, 2, 0]
+    """
+    arr = np.asarray(masks, dtype=bool)
+    return np.lexsort(arr.T[::-1]) if len(arr) else np.zeros(0, dtype=np.int64)
+
+
 def folds_for(members: int, val_fraction: float) -> int:
     """Folds of the cross-validated ensemble: one per member, at least ``round(1 / val_fraction)``.
 
@@ -66,6 +77,9 @@ def folds_for(members: int, val_fraction: float) -> int:
 
 class MaskDataModule(L.LightningDataModule):
     """(mask, standardized log-nll) batches with seeded cross-validation folds stratified by removed-layer count.
+
+    Rows are kept in :func:`canonical_order`, so a store's rows give the same surrogate whatever order they
+    were measured in.
 
     ``folds`` folds (see :func:`stratified_folds`); :meth:`hold_out` picks the fold a member validates on, so
     the members of an ensemble validate on different rows and together learn from all of them. The target is
@@ -89,10 +103,12 @@ class MaskDataModule(L.LightningDataModule):
         masks = np.asarray(masks)
         if masks.ndim != 2:
             raise LayershapError(f"masks must be shaped (rows, n_layers); got shape {masks.shape}")
-        self.masks = check_masks(masks, masks.shape[1])
-        self.nll = np.asarray(nll, dtype=np.float64).reshape(-1)
-        if len(self.nll) != len(self.masks):
-            raise LayershapError(f"{len(self.masks)} masks but {len(self.nll)} nll values")
+        masks = check_masks(masks, masks.shape[1])
+        nll = np.asarray(nll, dtype=np.float64).reshape(-1)
+        if len(nll) != len(masks):
+            raise LayershapError(f"{len(masks)} masks but {len(nll)} nll values")
+        order = canonical_order(masks)  # the same rows in any order give the same folds and training
+        self.masks, self.nll = masks[order], nll[order]
         if not np.isfinite(self.nll).all():
             raise LayershapError("the nll values contain NaN or infinity; only finite measurements can be learned")
         if not (self.nll > 0).all():

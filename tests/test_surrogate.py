@@ -37,6 +37,13 @@ def game_data_masks() -> np.ndarray:
     return stratified_masks(N, 200, seed=0)
 
 
+def canonical_masks() -> np.ndarray:
+    """The game's masks in the data module's row order: lexicographic over the mask bits (layer 0 first)."""
+    masks = game_data_masks()
+    keys = ["".join("1" if b else "0" for b in row) for row in masks]
+    return masks[sorted(range(len(masks)), key=keys.__getitem__)]
+
+
 @pytest.fixture(scope="module")
 def game_data() -> tuple[np.ndarray, np.ndarray]:
     masks = game_data_masks()
@@ -121,6 +128,12 @@ def test_stratified_folds_balance_and_determinism():
 def test_datamodule_normalisation_folds_and_errors(game_data):
     masks, nll = game_data
     dm = MaskDataModule.from_arrays(masks, nll, folds=5, seed=0)
+    np.testing.assert_array_equal(dm.masks, canonical_masks())  # rows in content order, nll moved with them
+    np.testing.assert_array_equal(dm.nll, smooth_game(dm.masks))
+    shuffled = np.random.default_rng(1).permutation(len(nll))
+    again = MaskDataModule.from_arrays(masks[shuffled], nll[shuffled], folds=5, seed=0)
+    np.testing.assert_array_equal(again.masks, dm.masks)
+    np.testing.assert_array_equal(again.fold_of, dm.fold_of)  # measurement order does not change the folds
     assert dm.target_mean == pytest.approx(np.log(nll).mean()) and dm.target_std == pytest.approx(np.log(nll).std())
     assert np.allclose(dm.standardize(nll), (np.log(nll) - np.log(nll).mean()) / np.log(nll).std())
     assert dm.removed_counts == [0, 1, 2, 3, 4, 5]
@@ -151,8 +164,9 @@ def test_ensemble_learns_smooth_game(ensemble_dir, game_data):
         masks, measured, predicted, spread = v["masks"], v["measured"], v["predicted"], v["predicted_std"]
     assert np.array_equal(measured, smooth_game(masks))  # held-out targets are the game's values
     # 3 members validate on folds 0, 1, 2 of 5: the held-out rows are exactly those folds' rows
-    fold = stratified_folds((~game_data[0]).sum(1), 5, seed=0)
-    expected = {row.tobytes() for row in game_data[0][np.isin(fold, [0, 1, 2])]}
+    rows = canonical_masks()
+    fold = stratified_folds((~rows).sum(1), 5, seed=0)
+    expected = {row.tobytes() for row in rows[np.isin(fold, [0, 1, 2])]}
     assert {row.tobytes() for row in masks} == expected and len(masks) == len(expected)
     assert stats.spearmanr(measured, predicted).statistic >= 0.95
     metrics = json.loads((ensemble_dir / "returned_metrics.json").read_text())
@@ -176,7 +190,7 @@ def test_metadata_contents(ensemble_dir, game_data):
     assert meta["training"]["members"] == 3 and meta["training"]["member_seeds"] == member_seeds(0, 3)
     assert len(set(meta["training"]["member_seeds"])) == 3
     assert meta["member_files"] == ["member_0.pt", "member_1.pt", "member_2.pt"]
-    fold = stratified_folds((~masks).sum(1), 5, seed=0)
+    fold = stratified_folds((~canonical_masks()).sum(1), 5, seed=0)
     assert meta["split"]["folds"] == 5 and meta["split"]["rows"] == len(nll)
     assert meta["split"]["held_out"] == int(np.isin(fold, [0, 1, 2]).sum())
     assert [run["fold"] for run in meta["training"]["runs"]] == [0, 1, 2]
@@ -196,8 +210,9 @@ def test_checkpoint_round_trip_and_value_function(ensemble_dir):
     assert np.allclose(member_nll.mean(0), sur.predict_nll(masks), atol=1e-6)
     assert np.allclose(sur(masks), -member_nll.mean(0), atol=1e-6)
     # out-of-fold: each held-out row is predicted by the member that validated on its fold (member j: fold j)
-    fold = stratified_folds((~game_data_masks()).sum(1), 5, seed=0)
-    fold_of = {row.tobytes(): f for row, f in zip(game_data_masks(), fold)}
+    rows = canonical_masks()
+    fold = stratified_folds((~rows).sum(1), 5, seed=0)
+    fold_of = {row.tobytes(): f for row, f in zip(rows, fold)}
     member = np.array([fold_of[row.tobytes()] for row in masks])
     assert np.allclose(predicted, member_nll[member, np.arange(len(masks))], atol=1e-6)
     assert not np.allclose(predicted, member_nll.mean(0), atol=1e-6)  # not the ensemble mean (that saw the rows)
