@@ -58,12 +58,17 @@ def test_run_tiny_model_end_to_end(tmp_path, capsys, monkeypatch):
             math.exp(_hf_nll_without(model_dir, windows, s["layers"])), rel=1e-5)
     assert "suggested layers to remove" in printed and "LOO ppl" in printed
 
-    # running again resumes: nothing is re-measured, finished rows keep their values
+    # running again resumes: nothing is re-measured, finished rows keep their values. The surrogate is retrained
+    # on every stored row (the suggestion checks included), so its subset search may ask the oracle for a few new
+    # pruning candidates; those are the only rows that can be added.
     before = {m.tobytes(): (v, s) for m, v, s in zip(store.masks, store.nll, store.seconds)}
     assert main(argv) == 0
     again = DatasetStore.open(out / "dataset.zarr")
-    assert len(again) == len(store)
-    assert {m.tobytes(): (v, s) for m, v, s in zip(again.masks, again.nll, again.seconds)} == before
+    assert len(again) >= len(store)
+    rows = {m.tobytes(): (v, s) for m, v, s in zip(again.masks, again.nll, again.seconds)}
+    assert {k: rows[k] for k in before} == before
+    sizes = {s["remove"] for s in json.loads((out / "summary.json").read_text())["suggestions"]}
+    assert {int((~m).sum()) for m in again.masks[len(store):]} <= sizes
 
 
 @pytest.mark.slow
