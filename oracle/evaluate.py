@@ -122,24 +122,6 @@ def tiled_token_nll(
     return out
 
 
-def tiled_nll_sum(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float | None,
-    token_chunk: int,
-    vocab_chunk: int,
-) -> torch.Tensor:
-    """Sum over tokens of :func:`tiled_token_nll` as a float64 scalar tensor.
-
-    Example:
-        >>> tiled_nll_sum(model.lm_head.weight, None, hidden, targets, None, 512, 4096)
-    """
-    token_nll = tiled_token_nll(weight, bias, hidden, targets, softcap, token_chunk, vocab_chunk)
-    return token_nll.sum(dtype=torch.float64)
-
-
 class MaskedEvaluator:
     """Evaluates layer masks of one model on fixed token windows (common random numbers for all masks).
 
@@ -207,8 +189,8 @@ class MaskedEvaluator:
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = ids[:, 1:].reshape(-1)
         if self.linear_head:
-            return tiled_nll_sum(self.head.weight, self.head.bias, flat, targets, self.softcap,
-                                 self.token_chunk, self.vocab_chunk)
+            return tiled_token_nll(self.head.weight, self.head.bias, flat, targets, self.softcap,
+                                   self.token_chunk, self.vocab_chunk).sum(dtype=torch.float64)
         return token_nll_sum(self.head, flat, targets, self.softcap, self.token_chunk)
 
     def _nll_plain(self, arr: np.ndarray) -> torch.Tensor:

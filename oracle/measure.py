@@ -128,8 +128,8 @@ def measure_masks(
             f"the model has {evaluator.n_layers} decoder layers but the store {store.path} holds "
             f"{store.n_layers}-layer masks; use the store's model or another store"
         )
-    todo = unique_rows(check_masks(masks, store.n_layers))
-    return measure_in_groups(evaluator, todo[store.missing(todo)], store.append, progress=progress,
+    arr = check_masks(masks, store.n_layers)
+    return measure_in_groups(evaluator, arr[store.missing(arr)], store.append, progress=progress,
                              masks_per_call=masks_per_call)
 
 

@@ -124,8 +124,6 @@ def train_ensemble(
     started = time.perf_counter()
     seeds = member_seeds(seed, members)
     nets, runs, history = [], [], []
-    oof_sum = np.zeros(len(dm.nll))
-    oof_count = np.zeros(len(dm.nll), dtype=np.int64)
     for i, s in enumerate(seeds):
         dm.hold_out(i % dm.folds)
         net, run, hist = fit_member(
@@ -136,10 +134,6 @@ def train_ensemble(
         nets.append(net)
         runs.append(run)
         history += [(i, *row) for row in hist]
-        member = Surrogate([net], {"n_layers": dm.n_layers, "target": TARGET, "target_mean": dm.target_mean,
-                                   "target_std": dm.target_std, "removed_counts": dm.removed_counts})
-        oof_sum[dm.val_index] += member.predict_nll(dm.masks[dm.val_index])
-        oof_count[dm.val_index] += 1
     provenance = dict(provenance or {})
     metadata = {
         "model_id": provenance.pop("model_id", None), "model_hash": provenance.pop("model_hash", None),
@@ -148,12 +142,19 @@ def train_ensemble(
         "removed_counts": dm.removed_counts,
         **provenance,
         "split": {"rows": len(dm.nll), "folds": dm.folds, "seed": dm.seed, "stratified_by": "removed-layer count",
-                  "held_out": int((oof_count > 0).sum()), "rule": "member i validates on fold i mod folds"},
+                  "held_out": int(np.isin(dm.fold_of, [run["fold"] for run in runs]).sum()),
+                  "rule": "member i validates on fold i mod folds"},
         "training": {"seed": seed, "members": members, "member_seeds": seeds, "max_epochs": max_epochs,
                      "patience": patience, "lr": lr, "weight_decay": weight_decay, "batch_size": dm.batch_size,
                      "loss": "mse on standardized log(nll)", "optimizer": "adam", "runs": runs},
     }
     surrogate = Surrogate(nets, metadata)
+    oof_sum = np.zeros(len(dm.nll))
+    oof_count = np.zeros(len(dm.nll), dtype=np.int64)
+    for i, run in enumerate(runs):  # out-of-fold: each member predicts the rows of the fold it validated on
+        rows = np.flatnonzero(dm.fold_of == run["fold"])
+        oof_sum[rows] += surrogate.member(i).predict_nll(dm.masks[rows])
+        oof_count[rows] += 1
     held = np.flatnonzero(oof_count > 0)
     val_masks, val_nll = dm.masks[held], dm.nll[held]
     predicted = oof_sum[held] / oof_count[held]

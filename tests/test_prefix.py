@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ARCHS, TINY_VOCAB, make_tiny_model
 
 from layershap.oracle.errors import LayershapError
-from layershap.oracle.evaluate import MaskedEvaluator, tiled_nll_sum
+from layershap.oracle.evaluate import MaskedEvaluator, tiled_token_nll
 from layershap.oracle.layers import skip_layers
 from layershap.oracle.prefix import plan_prefix_runs, trie_order
 
@@ -141,7 +141,7 @@ def test_tiled_loss_equals_cross_entropy(softcap, bias):
         logits = torch.tanh(logits / softcap) * softcap
     expected = F.cross_entropy(logits, targets, reduction="sum").item()
     for tc, vc in [(37, 101), (5, 7), (1, 100), (8, 1)]:
-        got = tiled_nll_sum(weight, b, hidden, targets, softcap, tc, vc).item()
+        got = tiled_token_nll(weight, b, hidden, targets, softcap, tc, vc).sum(dtype=torch.float64).item()
         assert got == pytest.approx(expected, rel=2e-6), (tc, vc)
 
 

@@ -180,7 +180,7 @@ def test_ensemble_learns_smooth_game(ensemble_dir, game_data):
 
 def test_metadata_contents(ensemble_dir, game_data):
     meta = json.loads((ensemble_dir / "metadata.json").read_text())
-    masks, nll = game_data
+    nll = game_data[1]
     assert meta["model_id"] == "synthetic" and meta["model_hash"] == "h0" and meta["n_layers"] == N
     assert meta["target"] == "log_nll"
     assert meta["target_mean"] == pytest.approx(np.log(nll).mean())
