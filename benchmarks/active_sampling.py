@@ -38,35 +38,6 @@ from scipy.stats import kendalltau
 from layershap.surrogate.network import DEFAULT_HIDDEN
 
 
-class SharedOracle:
-    """``nll(masks)``: values from ``cache`` (a DatasetStore on the same windows) or measured and appended to it.
-
-    Counts nothing itself: each method's own store counts its passes. Measures in trie order, 32 masks per call,
-    so prefix sharing applies.
-    """
-
-    def __init__(self, evaluator, cache) -> None:
-        self.evaluator = evaluator
-        self.cache = cache
-        self.n_layers = evaluator.n_layers
-
-    def nll(self, masks: np.ndarray) -> np.ndarray:
-        from layershap.oracle.prefix import trie_order
-
-        masks = np.asarray(masks, bool).reshape(-1, self.n_layers)
-        todo = masks[self.cache.missing(masks)]
-        if len(todo):
-            todo = np.unique(todo, axis=0)
-            todo = todo[trie_order(todo)]
-            for start in range(0, len(todo), 32):
-                group = todo[start : start + 32]
-                t0 = time.perf_counter()
-                values = self.evaluator.nll(group)
-                self.cache.append(group, values, np.full(len(group), (time.perf_counter() - t0) / len(group)))
-        lookup = {row.tobytes(): v for row, v in zip(self.cache.masks, self.cache.nll)}
-        return np.array([lookup[row.tobytes()] for row in masks])
-
-
 def scores_of(store_path: Path | None, out_dir: Path, args: argparse.Namespace, members: int | None = None):
     """Scores of the surrogate in ``out_dir``, trained there first on ``store_path`` unless that is None."""
     from layershap.surrogate.checkpoint import load_surrogate
@@ -111,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from layershap.oracle.evaluate import MaskedEvaluator
     from layershap.oracle.loading import load_model
-    from layershap.oracle.measure import dataset_identity
+    from layershap.oracle.measure import StoreOracle, dataset_identity
     from layershap.oracle.store import DatasetStore
     from layershap.oracle.text import load_text, make_windows
     from layershap.sampling.stratified import stratified_masks
@@ -127,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     n = identity["n_layers"]
     evaluator = MaskedEvaluator(loaded.model, windows)
     cache = DatasetStore.create_or_open(out / "measured.zarr", identity, windows)
-    oracle = SharedOracle(evaluator, cache)
+    oracle = StoreOracle(evaluator, cache, progress=False)  # each mask measured once, shared by all methods
     if args.reuse is not None:
         other = DatasetStore.open(args.reuse)
         other.check_identity({k: identity[k] for k in ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype")})
