@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LayershapError, NonFiniteLossError
-from .layers import _text_config, check_masks, find_layers, skip_layers
+from layershap.core.errors import LayershapError, NonFiniteLossError
+from layershap.core.masks import check_masks
+
+from .layers import _text_config, find_layers, skip_layers
 from .prefix import PrefixRunner, plan_prefix_runs
 
 # Largest logits tile (tokens x vocab elements) materialised at once. Small tiles on CPU stay in cache.
@@ -34,8 +36,6 @@ TILE_ELEMENTS = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
 VOCAB_CHUNK = {"cpu": 2048, "cuda": 32768}
 # Default prefix-cache budget in MiB.
 CACHE_MB = {"cpu": 512.0, "cuda": 2048.0}
-# Kept for callers of the old name: largest token-chunk logits tensor of the generic (non-Linear head) path.
-LOGIT_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -50,7 +50,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU, bfloat16 on CUDA (DESIGN.md, oracle rules)."""
+    """float32 on CPU, bfloat16 on CUDA (the oracle's dtypes)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import MaskError, UnsupportedModelError
+from layershap.core.errors import UnsupportedModelError
+from layershap.core.masks import check_masks
 
 # model_type -> dotted path of the decoder layer ModuleList from the CausalLM object.
 LAYER_PATHS: dict[str, str] = {
@@ -75,25 +76,6 @@ def layer_types(model: nn.Module) -> list[str]:
     n = find_layers(model).n_layers
     types = getattr(_text_config(model), "layer_types", None)
     return list(types) if types is not None else ["full_attention"] * n
-
-
-def check_masks(masks: np.ndarray | torch.Tensor, n_layers: int) -> np.ndarray:
-    """Validate masks and return them as ``bool[k, n_layers]`` (a 1-D mask becomes one row)."""
-    arr = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise MaskError(f"masks must be shaped (k, n_layers); got an array of shape {arr.shape}")
-    if arr.shape[1] != n_layers:
-        raise MaskError(
-            f"mask length {arr.shape[1]} does not match the model's {n_layers} decoder layers; "
-            f"give one True/False (1/0) per layer, True = keep"
-        )
-    if arr.dtype != bool:
-        if not np.isin(arr, (0, 1)).all():
-            raise MaskError("masks must contain only True/False or 0/1 values")
-        arr = arr.astype(bool)
-    return arr
 
 
 def _text_config(model: nn.Module):

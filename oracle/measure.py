@@ -1,9 +1,13 @@
 """Measure layer masks with the real model and append each finished row to the dataset store.
 
+:class:`CachedOracle` is the one cached value function ``-nll`` over the real model: every distinct mask runs
+through the model once; with a store, stored rows are answers and new rows are appended as they finish.
+
 Example:
     >>> ev = MaskedEvaluator(loaded.model, windows, batch_size=4)
     >>> store = DatasetStore.create_or_open(out, dataset_identity(loaded, text.text_id, windows, 128), windows)
     >>> measure_masks(ev, store, loo_masks(ev.n_layers))      # rows added; already stored masks are skipped
+    >>> CachedOracle(ev, store)(masks)                        # -nll per mask, missing ones measured first
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import MaskError
-from .layers import check_masks, find_layers, layer_types
+from tqdm.auto import tqdm
+
+from layershap.core.errors import MaskError
+from layershap.core.masks import check_masks, unique_rows
+
+from .layers import find_layers, layer_types
 from .prefix import trie_order
+from .text import windows_sha256
 
 # Masks per evaluator call, taken in trie order: 128 stratified masks of an 18-layer model need 920 layer
 # forwards in groups of 32 (909 all at once, 1694 without sharing; 1350 in request-order groups of 8),
@@ -36,8 +45,6 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
         >>> ident = dataset_identity(loaded, "builtin", windows, seq_len=128)
         >>> DatasetStore.create_or_open("x.zarr", ident, windows)
     """
-    from .text import windows_sha256
-
     model = loaded.model
     windows = np.asarray(windows)
     return {
@@ -51,23 +58,6 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
         "seq_len": int(seq_len),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
-
-
-def unique_rows(masks: np.ndarray) -> np.ndarray:
-    """``masks`` without repeated rows, first occurrences in their original order.
-
-    Example:
-        >>> unique_rows(np.array([[1, 0], [1, 0], [0, 1]], bool)).astype(int).tolist()
-        [[1, 0], [0, 1]]
-    """
-    seen: set[bytes] = set()
-    keep = []
-    for i, row in enumerate(masks):
-        key = row.tobytes()
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return masks[keep]
 
 
 def measure_in_groups(
@@ -95,7 +85,6 @@ def measure_in_groups(
     if len(todo) == 0:
         return 0
     todo = todo[trie_order(todo)]
-    from tqdm.auto import tqdm
 
     with tqdm(total=len(todo), unit="mask", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), masks_per_call):
@@ -133,28 +122,71 @@ def measure_masks(
                              masks_per_call=masks_per_call)
 
 
-class StoreOracle:
-    """Value function ``-nll`` backed by a dataset store: masks not stored yet are measured and appended first.
+class CachedOracle:
+    """Value function ``-nll`` over a :class:`MaskedEvaluator`: each distinct mask is run through the model once.
 
-    Every mask is run through the model at most once per store, across calls and across runs.
+    With a ``store`` (the evaluator's dataset store) every stored row is an answer and each measured group is
+    appended to the store as it finishes, so a mask is measured at most once per store, across calls and runs.
+    Without one the answers live in memory only (e.g. held-out evaluation windows). ``measured`` counts the
+    masks this object ran through the model.
 
     Example:
-        >>> oracle = StoreOracle(evaluator, store)
+        >>> oracle = CachedOracle(evaluator, store)
         >>> oracle(masks)            # -nll per mask; new rows land in the store
+        >>> CachedOracle(MaskedEvaluator(model, eval_windows), label="held-out").nll(masks)
     """
 
-    def __init__(self, evaluator: MaskedEvaluator, store: DatasetStore, progress: bool = True) -> None:
-        self.evaluator = evaluator
-        self.store = store
-        self.progress = progress
-        self.n_layers = store.n_layers
+    def __init__(
+        self,
+        evaluator: MaskedEvaluator,
+        store: DatasetStore | None = None,
+        *,
+        label: str = "measuring masks",
+        progress: bool = True,
+        masks_per_call: int = MASKS_PER_CALL,
+    ) -> None:
+        if store is not None and evaluator.n_layers != store.n_layers:
+            raise MaskError(
+                f"the model has {evaluator.n_layers} decoder layers but the store {store.path} holds "
+                f"{store.n_layers}-layer masks; use the store's model or another store"
+            )
+        self.evaluator, self.store = evaluator, store
+        self.n_layers = int(evaluator.n_layers)
+        self.label, self.progress, self.masks_per_call = label, progress, masks_per_call
+        self.cache: dict[bytes, float] = {}
+        self.measured = 0
+        self._store_rows = 0
+
+    def seed(self, masks: np.ndarray, nll: np.ndarray) -> None:
+        """Add rows measured elsewhere on the same model and windows."""
+        for m, v in zip(check_masks(masks, self.n_layers), np.asarray(nll, dtype=np.float64).reshape(-1)):
+            self.cache[m.tobytes()] = float(v)
+
+    def _sync(self) -> None:
+        """Take in rows appended to the store since the last call (by this object or anyone else)."""
+        if self.store is not None and len(self.store) > self._store_rows:
+            self.seed(self.store.masks[self._store_rows :], self.store.nll[self._store_rows :])
+            self._store_rows = len(self.store)
+
+    def known(self, mask: np.ndarray) -> float | None:
+        """The nll of ``mask`` if it has been measured, else None."""
+        self._sync()
+        return self.cache.get(check_masks(mask, self.n_layers)[0].tobytes())
+
+    def _commit(self, group: np.ndarray, nll: np.ndarray, seconds: np.ndarray) -> None:
+        if self.store is not None:
+            self.store.append(group, nll, seconds)
+        self.seed(group, nll)
 
     def nll(self, masks: np.ndarray) -> np.ndarray:
-        """Stored mean NLL of each mask (measuring the missing ones first): ``float64[k]``."""
+        """Mean NLL of each mask (measuring the unknown ones first): ``float64[k]``."""
         arr = check_masks(masks, self.n_layers)
-        measure_masks(self.evaluator, self.store, arr, progress=self.progress)
-        lookup = {row.tobytes(): float(v) for row, v in zip(self.store.masks, self.store.nll)}
-        return np.array([lookup[row.tobytes()] for row in arr], dtype=np.float64)
+        self._sync()
+        todo = arr[[row.tobytes() not in self.cache for row in arr]]
+        self.measured += measure_in_groups(self.evaluator, todo, self._commit, progress=self.progress,
+                                           desc=self.label, masks_per_call=self.masks_per_call)
+        self._sync()
+        return np.array([self.cache[row.tobytes()] for row in arr], dtype=np.float64)
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         return -self.nll(masks)

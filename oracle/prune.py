@@ -6,7 +6,7 @@ Pruning deletes the removed decoder layers from the model's layer ``ModuleList``
 rebuilds exactly the kept layers, each with its own attention type.
 
 Example:
-    >>> mask = mask_from_removed(18, [3, 7, 9])      # bool[18], False at 3, 7, 9
+    >>> mask = masks_from_removed([3, 7, 9], 18)[0]   # bool[18], False at 3, 7, 9
     >>> save_pruned_model(model, tokenizer, mask, "pruned/")   # prunes ``model`` in place, then saves it
     >>> AutoModelForCausalLM.from_pretrained("pruned/")       # 15 layers
 """
@@ -14,35 +14,18 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from .errors import MaskError, UnsupportedModelError
-from .layers import _text_config, check_masks, find_layers
+from layershap.core.errors import MaskError, UnsupportedModelError
+from layershap.core.masks import check_masks
+
+from .layers import _text_config, find_layers
 
 PRUNE_INFO_FILE = "layershap_prune.json"
-
-
-def mask_from_removed(n_layers: int, removed: Sequence[int]) -> np.ndarray:
-    """Mask ``bool[n_layers]`` with False at the ``removed`` layer indices (0-based, no duplicates).
-
-    Example:
-        >>> mask_from_removed(4, [1, 3])
-        array([ True, False,  True, False])
-    """
-    removed = [int(i) for i in removed]
-    bad = [i for i in removed if not 0 <= i < n_layers]
-    if bad:
-        raise MaskError(f"layer indices {bad} are out of range: the model has layers 0..{n_layers - 1}")
-    if len(set(removed)) != len(removed):
-        raise MaskError(f"layer indices {removed} contain duplicates; name each layer to remove once")
-    mask = np.ones(n_layers, dtype=bool)
-    mask[removed] = False
-    return mask
 
 
 def _check_prunable(model: nn.Module, keep: np.ndarray) -> None:
@@ -103,7 +86,7 @@ def save_pruned_model(
     Also writes ``layershap_prune.json``: original layer count, removed and kept original indices, plus ``info``.
 
     Example:
-        >>> save_pruned_model(model, tokenizer, mask_from_removed(18, [3, 7]), "pruned/", {"model_id": "g3"})
+        >>> save_pruned_model(model, tokenizer, masks_from_removed([3, 7], 18)[0], "pruned/", {"model_id": "g3"})
     """
     n_layers = find_layers(model).n_layers
     keep = check_masks(mask, n_layers)[0]

@@ -1,6 +1,6 @@
 """The dataset store: one zarr v3 group of ``(mask, nll)`` rows measured on one model, text and window set.
 
-Layout (DESIGN.md, "Dataset store")::
+Layout::
 
     STORE.zarr/            group attributes: schema_version, package_version, identity (model_id, model_hash,
                            n_layers, layer_types, text_id, windows_sha256, n_windows, seq_len, dtype), n_rows
@@ -32,9 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from zarr.errors import ContainsArrayError, GroupNotFoundError
 
-from .errors import LayershapError, StoreMismatchError
-from .layers import check_masks
+from layershap.core.errors import LayershapError, StoreMismatchError
+from layershap.core.jsonio import jsonable, package_version
+from layershap.core.masks import check_masks
+
+from .text import windows_sha256
 
 SCHEMA_VERSION = 1
 ROWS_ATTR = "n_rows"
@@ -47,30 +52,11 @@ MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype")
 ROW_CHUNK = 512
 
 
-def package_version() -> str:
-    """Installed layershap version, or ``unknown`` when running from an uninstalled tree."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("layershap")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types (zarr attributes reject numpy scalars)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _check_identity(identity: dict) -> dict:
     missing = [k for k in IDENTITY_KEYS if k not in identity]
     if missing:
         raise ValueError(f"store identity lacks keys {missing}; it needs all of {list(IDENTITY_KEYS)}")
-    ident = {k: _jsonable(v) for k, v in identity.items()}
+    ident = {k: jsonable(v) for k, v in identity.items()}
     if len(ident["layer_types"]) != ident["n_layers"]:
         raise ValueError(f"identity has {len(ident['layer_types'])} layer_types for n_layers={ident['n_layers']}")
     return ident
@@ -86,9 +72,6 @@ class DatasetStore:
 
     def __init__(self, path: str | Path, writable: bool) -> None:
         """Open an existing store; use :meth:`open` or :meth:`create_or_open` instead of calling this."""
-        import zarr
-        from zarr.errors import ContainsArrayError, GroupNotFoundError
-
         self.path = Path(path)
         self.writable = writable
         if not self.path.exists():
@@ -159,8 +142,6 @@ class DatasetStore:
             raise ValueError(f"windows must be an int array [W, L]; got {windows.dtype} {windows.shape}")
         if windows.shape[0] != ident["n_windows"]:
             raise ValueError(f"identity says n_windows={ident['n_windows']} but windows has {windows.shape[0]} rows")
-        from .text import windows_sha256
-
         if windows_sha256(windows) != ident["windows_sha256"]:
             raise ValueError("identity's windows_sha256 is not the sha256 of the windows passed in")
         path = Path(path)
@@ -173,8 +154,6 @@ class DatasetStore:
     @classmethod
     def _create(cls, path: Path, ident: dict, windows: np.ndarray) -> None:
         """Build the store in a hidden sibling folder, then rename it into place (atomic)."""
-        import zarr
-
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
         try:
@@ -207,7 +186,7 @@ class DatasetStore:
             >>> store.check_identity({"text_id": "builtin", "seq_len": 128})
         """
         keys = [k for k in (*MATCH_KEYS, "n_windows", "seq_len") if k in identity]
-        wanted = {k: _jsonable(identity[k]) for k in keys}
+        wanted = {k: jsonable(identity[k]) for k in keys}
         diffs = [(k, self._attrs.get(k), wanted[k]) for k in keys if self._attrs.get(k) != wanted[k]]
         if diffs:
             lines = "; ".join(f"{k}: store has {_short(a)}, this run has {_short(b)}" for k, a, b in diffs)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LayershapError, MissingPackageError
+from layershap.core.errors import LayershapError, MissingPackageError
 
 DATASETS_PIP = "pip install 'layershap[datasets]'  (or: pip install datasets)"
 # First documents of the C4 shard joined into the text (a whole shard is ~800 MB).

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from layershap.oracle.errors import LayershapError, MaskError
+from layershap.core.errors import LayershapError, MaskError
+
+from .stratified import all_removed_counts, default_removed_counts, loo_masks, stratified_masks
 
 DEFAULT_N_MASKS = 128
 VALID_FORMS = "loo, stratified, stratified-all, file:PATH (a .npy array or a text file of 0/1 rows)"
@@ -35,13 +37,6 @@ def parse_mask_spec(spec: str, n_layers: int, n_masks: int | None, seed: int) ->
         (200, 18)
         >>> parse_mask_spec("file:masks.txt", 18, None, 0)      # doctest: +SKIP
     """
-    from layershap.sampling.stratified import (
-        all_removed_counts,
-        default_removed_counts,
-        loo_masks,
-        stratified_masks,
-    )
-
     spec = spec.strip()
     if spec == "loo":
         return loo_masks(n_layers)

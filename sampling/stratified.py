@@ -13,13 +13,7 @@ Rules of :func:`stratified_masks`:
 - No mask appears twice and none is in ``exclude`` (the masks a store already holds, for extending it).
   Masks in ``exclude`` are never returned, the full model and leave-one-out masks included, so with
   ``exclude`` every returned mask is new and ``n_masks`` counts new masks only.
-- ``paired=True``: the per-stratum counts stay as above; where both ``r`` and ``n - r`` are strata, as many
-  of their masks as possible are drawn as complement pairs (a mask of stratum ``min(r, n - r)`` and its
-  complement, kept <-> removed, in stratum ``n - r``); the others are single masks whose complement is
-  already taken (e.g. the single-layer models paired with the leave-one-out masks) or whose partner
-  stratum's share is used up. A stratum whose complement stratum is not requested (e.g. 1 and 2 of the
-  default 1..ceil(n/2) for n = 18) is sampled unpaired.
-- Sampled masks follow the fixed ones in random order (pairs stay adjacent), so any prefix of the result
+- Sampled masks follow the fixed ones in random order, so any prefix of the result
   is itself roughly stratified (useful when a measurement run is interrupted).
 
 Example:
@@ -37,8 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from layershap.oracle.errors import LayershapError
-from layershap.oracle.layers import check_masks
+from layershap.core.errors import LayershapError
+from layershap.core.masks import check_masks
 
 # A stratum with at most this many masks is enumerated; a larger one is sampled by rejection.
 ENUMERATE_LIMIT = 200_000
@@ -82,7 +76,6 @@ def stratified_masks(
     n_masks: int,
     seed: int,
     removed: Sequence[int] | None = None,
-    paired: bool = False,
     include_loo: bool = True,
     exclude: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -94,7 +87,6 @@ def stratified_masks(
         seed: seed of ``np.random.default_rng``; same arguments -> same masks.
         removed: removed-layer counts of the strata; default 1 .. ceil(n / 2)
             (:func:`default_removed_counts`); :func:`all_removed_counts` covers every coalition size.
-        paired: also take the complement of each mask whose complement stratum is requested.
         include_loo: start with the full model and the n leave-one-out masks.
         exclude: masks never to return, e.g. ``store.masks`` when extending a store.
 
@@ -102,7 +94,7 @@ def stratified_masks(
         LayershapError: bad arguments, or more masks asked for than the strata hold.
 
     Example:
-        >>> m = stratified_masks(10, 60, seed=0, removed=range(1, 11), paired=True)
+        >>> m = stratified_masks(10, 60, seed=0, removed=range(1, 11))
         >>> len({row.tobytes() for row in m})
         60
     """
@@ -133,18 +125,9 @@ def stratified_masks(
         )
     counts = _allocate(caps, budget)
 
-    units: list[np.ndarray] = []  # rows that stay together: one mask, or a mask and its complement
-    done: set[int] = set()
+    units: list[np.ndarray] = []  # sampled rows, one mask each
     for r in strata:
-        if r in done:
-            continue
-        partner = n - r
-        if paired and partner in counts:
-            done |= {r, partner}
-            units += _sample_paired(n, r, partner, counts[r], counts[partner], rng, taken)
-        else:
-            done.add(r)
-            units += list(_sample_into(n, r, counts[r], rng, taken)[:, None, :])
+        units += list(_sample_into(n, r, counts[r], rng, taken)[:, None, :])
     sampled = [units[i] for i in rng.permutation(len(units))]
     out = np.concatenate([fixed_arr] + [u.reshape(-1, n) for u in sampled], axis=0)
     assert out.shape == (n_masks, n), (out.shape, n_masks)
@@ -174,35 +157,10 @@ def _allocate(caps: dict[int, int], budget: int) -> dict[int, int]:
     return counts
 
 
-def _sample_paired(
-    n: int, a: int, b: int, count_a: int, count_b: int, rng: np.random.Generator, taken: dict[int, set[bytes]]
-) -> list[np.ndarray]:
-    """``count_a`` masks in stratum ``a`` and ``count_b`` in ``b = n - a``, as many as possible in complement pairs.
-
-    Pairs come from masks whose complement is free too; the rest are single masks (complement taken already).
-    """
-    ta, tb = taken.setdefault(a, set()), taken.setdefault(b, set())
-    if a == b:  # complement in the same stratum: draw one representative (layer 0 kept) per {m, ~m} class
-        avoid = {_canonical_key(k, n) for k in ta}
-        pairs = min(count_a // 2, math.comb(n, a) // 2 - len(avoid))
-        lead = _sample_stratum(n, a, pairs, rng, avoid, canonical=True)
-        ta.update(_key_list(lead), _key_list(~lead))
-        singles = list(_sample_into(n, a, count_a - 2 * pairs, rng, taken)[:, None, :])
-    else:
-        avoid = ta | {_key(~_unkey(k, n)) for k in tb}
-        pairs = min(count_a, count_b, math.comb(n, a) - len(avoid))
-        lead = _sample_stratum(n, a, pairs, rng, avoid, canonical=False)
-        ta.update(_key_list(lead))
-        tb.update(_key_list(~lead))
-        singles = list(_sample_into(n, a, count_a - pairs, rng, taken)[:, None, :])
-        singles += list(_sample_into(n, b, count_b - pairs, rng, taken)[:, None, :])
-    return list(np.stack([lead, ~lead], axis=1)) + singles
-
-
 def _sample_into(n: int, r: int, k: int, rng: np.random.Generator, taken: dict[int, set[bytes]]) -> np.ndarray:
     """:func:`_sample_stratum` avoiding ``taken[r]``, then recording the draws there."""
     t = taken.setdefault(r, set())
-    masks = _sample_stratum(n, r, k, rng, t, canonical=False)
+    masks = _sample_stratum(n, r, k, rng, t)
     t.update(_key_list(masks))
     return masks
 
@@ -210,28 +168,22 @@ def _sample_into(n: int, r: int, k: int, rng: np.random.Generator, taken: dict[i
 # --- sampling within one stratum ------------------------------------------------------------------------
 
 
-def _sample_stratum(
-    n: int, r: int, k: int, rng: np.random.Generator, avoid: set[bytes], canonical: bool
-) -> np.ndarray:
-    """``k`` distinct masks with exactly ``r`` layers removed, none in ``avoid``, uniformly at random.
-
-    ``canonical``: only masks that keep layer 0 (one representative of each {m, ~m} class when r = n/2).
-    """
+def _sample_stratum(n: int, r: int, k: int, rng: np.random.Generator, avoid: set[bytes]) -> np.ndarray:
+    """``k`` distinct masks with exactly ``r`` layers removed, none in ``avoid``, uniformly at random."""
     if k == 0:
         return np.zeros((0, n), dtype=bool)
-    free = n - 1 if canonical else n  # positions that may be removed
-    total = math.comb(free, r)
+    total = math.comb(n, r)
     if total <= ENUMERATE_LIMIT:
-        combos = np.array(list(itertools.combinations(range(free), r)), dtype=np.intp).reshape(total, r)
+        combos = np.array(list(itertools.combinations(range(n), r)), dtype=np.intp).reshape(total, r)
         cand = np.ones((total, n), dtype=bool)
-        cand[np.arange(total)[:, None], combos + (1 if canonical else 0)] = False
+        cand[np.arange(total)[:, None], combos] = False
         if avoid:
             cand = cand[[key not in avoid for key in _key_list(cand)]]
         return cand[np.sort(rng.choice(len(cand), size=k, replace=False))]
     chosen: dict[bytes, np.ndarray] = {}
     while len(chosen) < k:
         batch = max(64, 2 * (k - len(chosen)))
-        pos = np.argsort(rng.random((batch, free)), axis=1)[:, :r] + (1 if canonical else 0)
+        pos = np.argsort(rng.random((batch, n)), axis=1)[:, :r]
         cand = np.ones((batch, n), dtype=bool)
         cand[np.arange(batch)[:, None], pos] = False
         for key, row in zip(_key_list(cand), cand):
@@ -262,10 +214,6 @@ def _keys(masks: np.ndarray) -> set[bytes]:
     return set(_key_list(masks))
 
 
-def _unkey(key: bytes, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(key, dtype=np.uint8), count=n).astype(bool)
-
-
 def _by_stratum(keys: set[bytes], n: int) -> dict[int, set[bytes]]:
     """Group keys by their removed-layer count (vectorised)."""
     if not keys:
@@ -277,11 +225,6 @@ def _by_stratum(keys: set[bytes], n: int) -> dict[int, set[bytes]]:
     for key, r in zip(ordered, removed.tolist()):
         out.setdefault(r, set()).add(key)
     return out
-
-
-def _canonical_key(key: bytes, n: int) -> bytes:
-    row = _unkey(key, n)
-    return key if row[0] else _key(~row)
 
 
 def _check_n(n: int) -> None:

@@ -5,7 +5,6 @@ Example:
     >>> sur = load_surrogate("runs/default/surrogate")
     >>> sur.predict_nll(masks), sur.predict_std(masks)     # float64[k]: ensemble mean and spread (nats)
     >>> sur(masks)                                         # value function: -nll, higher = better
-    >>> sur.check_store(DatasetStore.open("runs/default/dataset.zarr"))
 """
 
 from __future__ import annotations
@@ -13,18 +12,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from layershap.oracle.errors import LayershapError, MaskError, StoreMismatchError
-from layershap.oracle.layers import check_masks
+from layershap.core.errors import LayershapError, MaskError
+from layershap.core.masks import check_masks
 
 from .network import MaskNet, encode_masks
-
-if TYPE_CHECKING:
-    from layershap.oracle.store import DatasetStore
 
 FORMAT = "layershap-surrogate"
 FORMAT_VERSION = 2  # 2: target log(nll) standardized (target_mean, target_std); 1 was plain nll
@@ -130,26 +125,6 @@ class Surrogate:
     def __call__(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
         """Value function for Shapley estimators: ``-predict_nll(masks)`` (higher = better)."""
         return -self.predict_nll(masks)
-
-    # ---------------------------------------------------------------- provenance
-    def check_store(self, store: DatasetStore) -> None:
-        """Raise :class:`StoreMismatchError` if ``store`` was measured on another model or layer count.
-
-        Example:
-            >>> sur.check_store(DatasetStore.open("runs/default/dataset.zarr"))
-        """
-        attrs = store.attrs
-        diffs = [
-            f"{key}: surrogate has {self.metadata.get(key)!r}, store has {attrs.get(key)!r}"
-            for key in ("model_hash", "n_layers")
-            if self.metadata.get(key) != attrs.get(key)
-        ]
-        if diffs:
-            raise StoreMismatchError(
-                f"the surrogate was trained for another model than the store {getattr(store, 'path', '')} "
-                f"({'; '.join(diffs)}); use the surrogate trained on this model's data, or train one with "
-                f"`layershap train STORE --out DIR`"
-            )
 
     # ---------------------------------------------------------------- saving
     def save(self, out_dir: str | Path) -> Path:

@@ -4,26 +4,23 @@ stratified by removed-layer count, and the target log(nll) standardized over all
 Example:
     >>> dm = MaskDataModule.from_store("runs/default/dataset.zarr", folds=5, seed=0)
     >>> dm.hold_out(1); dm.target_mean, dm.target_std, len(dm.val_index)
-    >>> dm = MaskDataModule.from_arrays(masks, nll)        # no store needed (tests, synthetic games)
+    >>> dm = MaskDataModule(masks, nll, folds=5, seed=0)     # in-memory rows (tests, synthetic games)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from layershap.oracle.errors import LayershapError
-from layershap.oracle.layers import check_masks
+from layershap.core.errors import LayershapError
+from layershap.core.masks import check_masks
+from layershap.oracle.store import DatasetStore
 
 from .network import encode_masks
-
-if TYPE_CHECKING:
-    from layershap.oracle.store import DatasetStore
 
 
 def stratified_folds(removed: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -148,23 +145,12 @@ class MaskDataModule(L.LightningDataModule):
         self.train_index = np.flatnonzero(self.fold_of != fold)
 
     @classmethod
-    def from_arrays(cls, masks: np.ndarray, nll: np.ndarray, **kwargs) -> MaskDataModule:
-        """Data module over in-memory rows (same keyword arguments as the constructor).
-
-        Example:
-            >>> dm = MaskDataModule.from_arrays(masks, nll, folds=4, seed=1)   # doctest: +SKIP
-        """
-        return cls(masks, nll, **kwargs)
-
-    @classmethod
     def from_store(cls, store: str | Path | DatasetStore, **kwargs) -> MaskDataModule:
         """Data module over the finished rows of a dataset store (a path or an open ``DatasetStore``).
 
         Example:
             >>> dm = MaskDataModule.from_store("runs/default/dataset.zarr", seed=0)   # doctest: +SKIP
         """
-        from layershap.oracle.store import DatasetStore
-
         if not isinstance(store, DatasetStore):
             store = DatasetStore.open(store)
         return cls(store.masks, store.nll, store=store, **kwargs)

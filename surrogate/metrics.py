@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from scipy import stats
 
@@ -79,3 +81,20 @@ def format_metrics_table(metrics: dict) -> str:
             f"{cell(m['rmse'], 13, 4)}"
         )
     return "\n".join(lines)
+
+
+def training_report(metrics: dict, members: int, seed: int, out_dir: str | Path) -> str:
+    """What ``layershap train`` (and ``layershap run``) print after training: the metrics table and the files.
+
+    Example:
+        >>> print(training_report(surrogate.metadata["metrics"], 8, 0, "runs/x/surrogate"))   # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    return "\n".join([
+        "",
+        f"surrogate validation on held-out masks (nll in nats; {members} member(s), seed {seed}):",
+        format_metrics_table(metrics),
+        "",
+        f"surrogate written to {out}/ : metadata.json, member_*.pt, validation.npz, history.csv",
+        f"predicted vs measured plot: {out / 'fit.png'}",
+    ])

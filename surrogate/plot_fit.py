@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layershap.oracle.errors import LayershapError
+from layershap.core.errors import LayershapError
 
 from .metrics import regression_metrics
 

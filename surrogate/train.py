@@ -9,8 +9,8 @@ fold), early stopping on validation loss, best-epoch weights kept, deterministic
 - ``history.csv``: member, epoch, train_loss, val_loss (standardized units).
 
 Example:
-    >>> metrics = train_surrogate("runs/default/dataset.zarr", "runs/default/surrogate", members=3)
-    >>> metrics["overall"]["spearman"]
+    >>> surrogate = train_surrogate("runs/default/dataset.zarr", "runs/default/surrogate", members=3)
+    >>> surrogate.metadata["metrics"]["overall"]["spearman"]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from tqdm.auto import tqdm
 
-from layershap.oracle.errors import LayershapError
+from layershap.core.errors import LayershapError
+from layershap.oracle.store import DatasetStore
 
 from .checkpoint import TARGET, Surrogate
 from .data import MaskDataModule, folds_for
@@ -51,7 +52,7 @@ def member_seeds(seed: int, members: int) -> list[int]:
 
 
 def train_surrogate(
-    store_path: str | Path,
+    store: str | Path | DatasetStore,
     out_dir: str | Path,
     *,
     members: int = 1,
@@ -65,20 +66,20 @@ def train_surrogate(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     batch_size: int = 64,
-) -> dict:
-    """Train on the finished rows of a dataset store; returns the held-out metrics (see :func:`train_ensemble`).
+) -> Surrogate:
+    """Train on the finished rows of a dataset store (a path or an open store); returns the saved surrogate
+    (see :func:`train_ensemble`), its held-out metrics in ``metadata["metrics"]``.
 
     Example:
-        >>> train_surrogate("data.zarr", "surrogate", members=3, seed=0)["overall"]["r2"]
+        >>> train_surrogate("data.zarr", "surrogate", members=3, seed=0).metadata["metrics"]["overall"]["r2"]
     """
-    from layershap.oracle.store import DatasetStore
-
-    store = DatasetStore.open(store_path)
+    if not isinstance(store, DatasetStore):
+        store = DatasetStore.open(store)
     dm = MaskDataModule.from_store(store, folds=folds_for(members, val_fraction), seed=seed, batch_size=batch_size)
     attrs = store.attrs
     provenance = {
         "model_id": attrs.get("model_id"), "model_hash": attrs.get("model_hash"),
-        "dataset_hash": store.content_hash(), "dataset_path": str(Path(store_path).resolve()),
+        "dataset_hash": store.content_hash(), "dataset_path": str(Path(store.path).resolve()),
         "dataset": {k: attrs.get(k) for k in STORE_KEYS if k != "model_id" and k != "model_hash"},
     }
     return train_ensemble(
@@ -101,24 +102,33 @@ def train_ensemble(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     progress: bool = True,
-) -> dict:
-    """Train ``members`` networks on ``dm`` and write the surrogate into ``out_dir``.
+) -> Surrogate:
+    """Train ``members`` networks on ``dm``, write the surrogate into ``out_dir`` and return it.
 
     ``provenance``: model_id, model_hash, dataset_hash, ... copied into metadata.json (for in-memory data
     pass e.g. ``{"model_id": "synthetic", "model_hash": None, "dataset_hash": None}``).
     Member ``i`` validates (early stopping, best epoch) on fold ``i mod dm.folds`` and trains on the rest, so the
-    ensemble learns from every row. Returns ``{"overall": {...}, "by_removed": [...]}`` of
-    :func:`~layershap.surrogate.metrics.fit_metrics` on the out-of-fold predictions: each held-out row predicted
-    by the member(s) that did not train on it (cross-validation, never a row a member saw).
+    ensemble learns from every row. ``metadata["metrics"]`` of the returned surrogate is
+    ``{"overall": {...}, "by_removed": [...]}`` of :func:`~layershap.surrogate.metrics.fit_metrics` on the
+    out-of-fold predictions: each held-out row predicted by the member(s) that did not train on it
+    (cross-validation, never a row a member saw).
 
     Example:
-        >>> dm = MaskDataModule.from_arrays(masks, nll, folds=5, seed=0)
-        >>> train_ensemble(dm, "out", members=3, hidden=64, max_epochs=200)["overall"]["spearman"]
+        >>> dm = MaskDataModule(masks, nll, folds=5, seed=0)
+        >>> train_ensemble(dm, "out", members=3, hidden=64).metadata["metrics"]["overall"]["spearman"]
     """
     if members < 1:
         raise LayershapError(f"--members must be >= 1, got {members}")
     if max_epochs < 1 or patience < 1 or hidden < 1 or depth < 1:
         raise LayershapError("max_epochs, patience, hidden and depth must all be >= 1")
+    for i in range(members):
+        fold = i % dm.folds
+        if not (dm.fold_of == fold).any():
+            raise LayershapError(
+                f"only {len(dm.nll)} measured masks: cross-validation fold {fold} of {dm.folds} gets no row, so "
+                f"member {i + 1} has nothing to validate on; measure more masks (e.g. `layershap oracle --masks "
+                f"stratified --n-masks 64`) or train fewer --members"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -168,7 +178,7 @@ def train_ensemble(
              title=f"surrogate, out-of-fold on {len(val_nll)} masks ({members} member{'s' * (members > 1)})")
     lines = ["member,epoch,train_loss,val_loss"] + [f"{m},{e},{t!r},{v!r}" for m, e, t, v in history]
     (out / "history.csv").write_text("\n".join(lines) + "\n")
-    return metrics
+    return surrogate
 
 
 class _BestWeights(Callback):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +110,35 @@ def tiny_tokenizer():
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny 4-layer Llama + tokenizer directory shared by the whole test session."""
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", 4, 0)
+
+
+# Where each tiny architecture keeps its decoder layers (written out here, independently of the library's table).
+_LAYER_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers"}
+
+
+def loss_with_layers_deleted(model: torch.nn.Module | Path | str, ids, removed=()) -> float:
+    """The reference every oracle test compares with: HF's own causal-LM loss (``labels=``) of a deep copy of
+    ``model`` (or of the model saved in a directory) with the ``removed`` layers deleted from its decoder
+    ``ModuleList`` and the config shrunk to match (``num_hidden_layers``, ``layer_types``)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(model, (str, Path)):
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    else:
+        m = copy.deepcopy(model)
+    gone = {int(removed)} if isinstance(removed, (int,)) else {int(i) for i in removed}
+    parent_path, attr = _LAYER_PATHS.get(m.config.model_type, "model.layers").rsplit(".", 1)
+    parent = m
+    for part in parent_path.split("."):
+        parent = getattr(parent, part)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList([layer for i, layer in enumerate(layers) if i not in gone]))
+    config = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
+    config.num_hidden_layers = len(layers) - len(gone)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in gone]
+    ids = torch.as_tensor(np.asarray(ids))
+    with torch.no_grad():
+        return float(m(input_ids=ids, labels=ids, use_cache=False).loss)

@@ -1,0 +1,69 @@
+"""``layershap oracle``: measure the log-perplexity of layer masks of a real model into a zarr dataset store.
+
+Running the same command again resumes: masks already in the store are skipped, finished rows are kept.
+
+Example:
+    $ layershap oracle --model gemma-3-270m --text builtin --masks loo --out runs/g270m.zarr
+    $ layershap oracle --model ./my-llama --masks stratified --n-masks 256 --out runs/llama.zarr --seq-len 256
+"""
+
+from __future__ import annotations
+
+from .options import Device, non_negative, positive
+
+
+def oracle(
+    model: str,
+    masks: str,
+    out: str,
+    text: str = "builtin",
+    n_masks: int | None = None,
+    windows: int = 4,
+    seq_len: int = 128,
+    seed: int = 0,
+    device: Device = "auto",
+    batch_size: int = 4,
+    masks_per_call: int = 8,
+    cache_mb: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Measure log-perplexity of layer masks into a zarr store (created, or extended/resumed when it exists).
+
+    Args:
+        model: gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id.
+        masks: mask spec: loo | stratified | stratified-all | file:PATH (.npy or a text file of 0/1 rows).
+        out: dataset store (STORE.zarr) to create, or to extend/resume when it exists.
+        text: calibration text: builtin, a .txt/.jsonl path, wikitext2 or c4.
+        n_masks: number of stratified masks, full model and leave-one-out included (stratified specs; default 128).
+        windows: token windows per mask.
+        seq_len: tokens per window.
+        seed: seed of the window positions and of sampled masks.
+        device: auto = CUDA when available, else CPU.
+        batch_size: windows per forward pass.
+        masks_per_call: masks evaluated (and committed) together; shared kept-layer prefixes are computed once
+            per group; a kill loses at most one group.
+        cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (default 512 on CPU,
+            2048 on CUDA).
+        progress: show the progress bar.
+    """
+    import time
+
+    from layershap.oracle.describe import perplexity_text
+    from layershap.oracle.measure import measure_masks
+    from layershap.oracle.session import open_session
+
+    for name, value in (("n_masks", n_masks), ("windows", windows), ("seq_len", seq_len),
+                        ("batch_size", batch_size), ("masks_per_call", masks_per_call), ("cache_mb", cache_mb)):
+        positive(name, value)
+    non_negative("seed", seed)
+    started = time.perf_counter()
+    session = open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
+                           seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb)
+    store = session.store
+    added = measure_masks(session.evaluator, store, session.masks, progress=progress, masks_per_call=masks_per_call)
+    print(f"added {added} rows; {len(store)} rows in {out} ({time.perf_counter() - started:.1f} s)")
+    full = store.masks.all(axis=1)
+    if full.any():
+        nll = float(store.nll[full][0])
+        print(f"full model: nll {nll:.4f} nats/token, perplexity {perplexity_text(nll)}")
+    return 0

@@ -1,0 +1,70 @@
+"""``layershap run``: the main job in one command (:func:`layershap.pipeline.run.run_main_job`).
+
+oracle on stratified masks -> surrogate ensemble -> layer scores -> a table of layer, score ± s.e., rank and
+leave-one-out perplexity, and the layers to remove for 10/20/30 % depth reduction. Running the same command
+again resumes the oracle where it stopped.
+
+Example:
+    $ layershap run                                   # Gemma-3-270M on Python's docs, CPU defaults
+    $ layershap run --model ./my-llama --text calib.txt --n-masks 256 --out runs/llama
+    $ layershap run --print_config > run.yaml; layershap run --config run.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .options import Device, non_negative, positive
+
+
+def run(
+    model: str = "gemma-3-270m",
+    text: str = "builtin",
+    out: str | None = None,
+    n_masks: int = 160,
+    sampling: Literal["stratified", "stratified-all"] = "stratified",
+    budget: int | None = None,
+    windows: int = 4,
+    seq_len: int = 128,
+    seed: int = 0,
+    device: Device = "auto",
+    batch_size: int = 4,
+    cache_mb: int | None = None,
+    members: int = 8,
+    hidden: int = 64,
+    progress: bool = True,
+) -> int:
+    """Main job: oracle on stratified masks -> surrogate -> layer scores -> pruning suggestions.
+
+    Args:
+        model: gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id.
+        text: calibration text: builtin, a .txt/.jsonl path, wikitext2 or c4.
+        out: output folder (default runs/<model name>).
+        n_masks: number of stratified oracle masks, including the full model and all leave-one-out masks.
+        sampling: stratified = 1..ceil(n/2) layers removed (pruning range, scores = semivalue over that range);
+            stratified-all = every count 1..n (scores = Shapley value).
+        budget: active sampling: total oracle rows; after the initial --n-masks, add masks where the surrogate
+            ensemble disagrees until the ranking is stable or the store holds this many rows.
+        windows: token windows per mask.
+        seq_len: tokens per window.
+        seed: seed of windows, masks and training.
+        device: auto = CUDA when available, else CPU.
+        batch_size: windows per forward pass.
+        cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
+        members: surrogate ensemble size.
+        hidden: surrogate hidden units per layer.
+        progress: show progress bars.
+    """
+    from pathlib import Path
+
+    from layershap.pipeline.run import run_main_job
+
+    for name, value in (("n_masks", n_masks), ("budget", budget), ("windows", windows), ("seq_len", seq_len),
+                        ("batch_size", batch_size), ("cache_mb", cache_mb), ("members", members),
+                        ("hidden", hidden)):
+        positive(name, value)
+    non_negative("seed", seed)
+    run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
+                 sampling=sampling, budget=budget, windows=windows, seq_len=seq_len, seed=seed, device=device,
+                 batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden, progress=progress)
+    return 0

@@ -1,0 +1,95 @@
+"""Open an oracle session: check the request against any existing store cheaply, then load the model, cut the
+calibration windows, open (or create) the dataset store and build the masked evaluator.
+
+Nothing is written when the store belongs to another model, text or layer count.
+
+Example:
+    >>> s = open_session(model="gemma-3-270m", text="builtin", masks="loo", out=Path("runs/g.zarr"))
+    >>> measure_masks(s.evaluator, s.store, s.masks)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layershap.core.errors import LayershapError
+from layershap.core.masks import unique_rows
+from layershap.sampling.specs import check_mask_spec, parse_mask_spec
+
+from .evaluate import MaskedEvaluator
+from .loading import LoadedModel, load_model
+from .measure import dataset_identity
+from .store import DatasetStore
+from .text import load_text, make_windows
+
+
+@dataclass
+class OracleSession:
+    """A loaded model, its dataset store and evaluator, and the masks a command asked for."""
+
+    loaded: LoadedModel
+    store: DatasetStore
+    evaluator: MaskedEvaluator
+    masks: np.ndarray
+
+
+def _is_new(out: Path) -> bool:
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
+def open_session(
+    *,
+    model: str,
+    text: str,
+    masks: str,
+    out: str | Path,
+    n_masks: int | None = None,
+    windows: int = 4,
+    seq_len: int = 128,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 4,
+    cache_mb: int | None = None,
+) -> OracleSession:
+    """Check the request and any existing store cheaply, then load the model and open (or create) the store.
+
+    ``masks`` is a mask spec (``loo``, ``stratified``, ``stratified-all``, ``file:PATH``); ``n_masks`` applies to
+    the stratified specs only. Prints one line about the store and the masks still to measure.
+
+    Example:
+        >>> s = open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr")
+    """
+    check_mask_spec(masks)
+    if n_masks is not None and not masks.strip().startswith("stratified"):
+        raise LayershapError(f"--n-masks applies to the stratified mask specs only, not to {masks!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayershapError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    out = Path(out)
+
+    # Cheap checks against an existing store before loading the model: it must be a layershap store,
+    # made from the same text with the same window count and length, and the masks must fit it.
+    calibration = load_text(text)
+    if not _is_new(out):
+        existing = DatasetStore.open(out)
+        parse_mask_spec(masks, existing.n_layers, n_masks, seed)
+        existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
+        print(f"extending {out}: {len(existing)} rows stored")
+
+    loaded = load_model(model, device=device)
+    token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
+    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len)
+    wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
+    store = DatasetStore.create_or_open(out, identity, token_windows)  # identity mismatch -> error, nothing written
+    todo = int(store.missing(wanted).sum())
+    print(
+        f"{loaded.model_id}: {identity['n_layers']} layers, {identity['dtype']} on {loaded.device}; "
+        f"{token_windows.shape[0]} x {token_windows.shape[1]} tokens; {len(wanted)} masks asked for, "
+        f"{len(wanted) - todo} already stored, {todo} to measure"
+    )
+    evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
+                                cache_mb=cache_mb)
+    return OracleSession(loaded, store, evaluator, wanted)

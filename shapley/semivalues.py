@@ -1,0 +1,281 @@
+"""Which layer score to compute: Shapley value, Banzhaf value or a pruning-range semivalue, as per-size weights.
+
+Every index here is a *semivalue*: for a game ``v`` on ``n`` players (layers),
+
+    phi_i = sum over S ⊆ N \\ {i} of p_|S| · [v(S ∪ {i}) − v(S)],
+
+with one weight ``p_s`` per coalition size ``s = |S|`` (0 ≤ s ≤ n−1). ``S`` is the set of layers *kept*.
+
+* **Shapley**: ``p_s = s!(n−s−1)!/n!`` — marginal contributions averaged uniformly over sizes, then over
+  subsets of each size.
+* **Banzhaf**: ``p_s = 1/2^(n−1)`` — every subset of the other layers equally likely.
+* **Pruning-range semivalue** ``semivalue[A:B]`` over removed-layer counts ``1 ≤ A ≤ B ≤ n``: the pruned model
+  *without* layer ``i`` (that is, ``S``) has ``r = n − |S|`` layers removed. The marginal contributions of ``i``
+  are averaged uniformly over ``r`` in ``[A, B]`` and uniformly over the subsets ``S`` of each size:
+  ``p_s = 1/((B−A+1)·C(n−1, s))`` when ``n−s`` lies in ``[A, B]``, else 0. ``semivalue[1:n]`` is the Shapley
+  value. It uses models with ``A−1 … B`` layers removed (``S ∪ {i}`` has ``r−1`` removed), which is what a
+  surrogate must have seen in training for the score to be trustworthy (:func:`uncovered_counts`).
+
+Which index to compute for a surrogate (:func:`choose_index`): a surrogate is trustworthy only on the
+removed-layer counts it was trained on. ``auto`` picks the pruning-range semivalue over ``1..R`` removed layers,
+``R`` the largest count such that ``0..R`` all occur in the training data, or the Shapley value when every count
+``0..n`` occurs. An index that weights counts the data lack warns, naming them (:func:`coverage_report`).
+
+Example:
+    >>> Index("semivalue", 1, 6).weights(18).shape      # float64[18], p_s for s = 0..17
+    (18,)
+    >>> default_index([0, 1, 2, 3, 4, 5, 6, 9], 18).name
+    'semivalue[1:6]'
+    >>> choose_index("auto", None, [0, 1, 2, 3], 8).name
+    'semivalue[1:3]'
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from layershap.core.errors import LayershapError
+
+INDEX_KINDS = ("shapley", "banzhaf", "semivalue")
+INDEX_CHOICES = ("auto", *INDEX_KINDS)  # what a user may ask for
+
+
+def shapley_weights(n: int) -> np.ndarray:
+    """Shapley weights ``p_s = s!(n−s−1)!/n! = 1/(n·C(n−1, s))`` for ``s = 0..n−1``: float64[n]."""
+    _check_n(n)
+    return np.array([1.0 / (n * math.comb(n - 1, s)) for s in range(n)], dtype=np.float64)
+
+
+def banzhaf_weights(n: int) -> np.ndarray:
+    """Banzhaf weights ``p_s = 1/2^(n−1)`` for ``s = 0..n−1``: float64[n]."""
+    _check_n(n)
+    return np.full(n, 0.5 ** (n - 1), dtype=np.float64)
+
+
+def range_weights(n: int, low: int, high: int) -> np.ndarray:
+    """Pruning-range semivalue weights over removed-layer counts ``r = n − s`` in ``[low, high]``: float64[n].
+
+    ``p_s = 1/((high−low+1)·C(n−1, s))`` if ``low ≤ n − s ≤ high`` else 0; ``[1, n]`` gives Shapley weights.
+    """
+    _check_n(n)
+    _check_range(n, low, high)
+    p = np.zeros(n, dtype=np.float64)
+    for r in range(low, high + 1):
+        s = n - r
+        p[s] = 1.0 / ((high - low + 1) * math.comb(n - 1, s))
+    return p
+
+
+def shapley_interaction_weights(n: int) -> np.ndarray:
+    """Shapley interaction weights ``w_s = s!(n−s−2)!/(n−1)!`` for ``s = 0..n−2``: float64[n−1] (n ≥ 2)."""
+    if n < 2:
+        raise LayershapError(f"pairwise interactions need at least 2 layers; got n = {n}")
+    return np.array([1.0 / ((n - 1) * math.comb(n - 2, s)) for s in range(n - 1)], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Index:
+    """A semivalue by name: ``Index("shapley")``, ``Index("banzhaf")`` or ``Index("semivalue", low, high)``.
+
+    Example:
+        >>> Index("semivalue", 1, 4).weights(8)[4:]     # only s = 4..7 (r = 4..1 removed) carry weight
+    """
+
+    kind: str
+    low: int | None = None
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise LayershapError(f"unknown index {self.kind!r}; use one of {', '.join(INDEX_KINDS)}")
+        if self.kind == "semivalue":
+            if self.low is None or self.high is None:
+                raise LayershapError("the pruning-range semivalue needs a removed-layer range A:B (--sizes A:B)")
+            if not 1 <= self.low <= self.high:
+                raise LayershapError(
+                    f"removed-layer range {self.low}:{self.high} is invalid; need 1 <= A <= B (e.g. --sizes 1:6)"
+                )
+        elif self.low is not None or self.high is not None:
+            raise LayershapError(f"{self.kind} takes no removed-layer range; use --index semivalue --sizes A:B")
+
+    @property
+    def name(self) -> str:
+        """``shapley``, ``banzhaf`` or ``semivalue[A:B]`` (the name written into score files)."""
+        return f"semivalue[{self.low}:{self.high}]" if self.kind == "semivalue" else self.kind
+
+    def validate(self, n: int) -> None:
+        """Raise :class:`LayershapError` if the index does not fit a game of ``n`` players."""
+        _check_n(n)
+        if self.kind == "semivalue":
+            _check_range(n, self.low, self.high)
+
+    def weights(self, n: int) -> np.ndarray:
+        """Per-size weights ``p_s``, ``s = 0..n−1``: float64[n]."""
+        if self.kind == "shapley":
+            return shapley_weights(n)
+        if self.kind == "banzhaf":
+            return banzhaf_weights(n)
+        return range_weights(n, self.low, self.high)
+
+    def is_shapley(self, n: int) -> bool:
+        """True when the weights are the Shapley weights (also ``semivalue[1:n]``): efficiency must hold."""
+        return self.kind == "shapley" or (self.kind == "semivalue" and (self.low, self.high) == (1, n))
+
+    def removed_counts_used(self, n: int) -> list[int]:
+        """Removed-layer counts of the masks this index evaluates with nonzero weight (0 = full model)."""
+        self.validate(n)
+        if self.kind == "semivalue":
+            return list(range(self.low - 1, self.high + 1))
+        return list(range(n + 1))
+
+    def describe(self, n: int) -> str:
+        """One sentence saying what the index averages."""
+        if self.kind == "shapley":
+            return "Shapley value: marginal contributions averaged over all coalition sizes (efficient)"
+        if self.kind == "banzhaf":
+            return "Banzhaf value: marginal contributions averaged over all subsets of the other layers"
+        extra = " (equals the Shapley value)" if self.is_shapley(n) else ""
+        return (
+            f"pruning-range semivalue: marginal contributions averaged uniformly over {self.low}..{self.high} "
+            f"removed layers (of {n}), then over the subsets of each size{extra}"
+        )
+
+
+def parse_sizes(text: str) -> tuple[int, int]:
+    """Parse a removed-layer range ``A:B`` (or a single ``A``) into ``(A, B)``."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", text)
+    if m is None:
+        raise LayershapError(f"cannot read --sizes {text!r}; give removed-layer counts as A:B, e.g. --sizes 1:6")
+    low = int(m.group(1))
+    high = int(m.group(2)) if m.group(2) is not None else low
+    return low, high
+
+
+def covered_prefix(removed_counts: Iterable[int]) -> int:
+    """Largest ``R`` such that every removed-layer count ``0..R`` is present; −1 if 0 is missing."""
+    present = {int(r) for r in removed_counts}
+    r = -1
+    while r + 1 in present:
+        r += 1
+    return r
+
+
+def default_index(removed_counts: Iterable[int], n: int) -> Index:
+    """The index a surrogate's training data support: Shapley if counts ``0..n`` are all present, else
+    ``semivalue[1:R]`` with ``R`` the largest count such that ``0..R`` are all present.
+    """
+    counts = sorted({int(r) for r in removed_counts})
+    r_max = covered_prefix(counts)
+    if r_max >= n:
+        return Index("shapley")
+    if r_max < 1:
+        raise LayershapError(
+            f"the surrogate's training data cover removed-layer counts {counts}, which do not include both the "
+            "full model (0) and single-layer removals (1), so no pruning-range semivalue is supported by data; "
+            "retrain on a store with the full model and leave-one-out masks, or force an index with "
+            "--index shapley / --sizes A:B"
+        )
+    return Index("semivalue", 1, r_max)
+
+
+def uncovered_counts(index: Index, removed_counts: Iterable[int], n: int) -> list[int]:
+    """Removed-layer counts the index weights that the surrogate's training data do not contain."""
+    present = {int(r) for r in removed_counts}
+    return [r for r in index.removed_counts_used(n) if r not in present]
+
+
+def choose_index(index: str, sizes: str | None, removed_counts: list[int] | None, n: int) -> Index:
+    """The :class:`Index` for ``--index`` (one of :data:`INDEX_CHOICES`) and ``--sizes A:B``, given the
+    surrogate's training removed counts (None = unknown: warns and takes the Shapley value).
+
+    Example:
+        >>> choose_index("auto", None, [0, 1, 2, 3], 8).name
+        'semivalue[1:3]'
+    """
+    if sizes is not None:
+        if index not in ("auto", "semivalue"):
+            raise LayershapError(f"--sizes sets the pruning-range semivalue; it cannot be combined with --index {index}")
+        low, high = parse_sizes(sizes)
+        chosen = Index("semivalue", low, high)
+    elif index == "auto":
+        if removed_counts is None:
+            warnings.warn("the surrogate's metadata list no removed_counts, so its coverage is unknown; "
+                          "computing the Shapley value", stacklevel=2)
+            chosen = Index("shapley")
+        else:
+            chosen = default_index(removed_counts, n)
+    elif index not in INDEX_CHOICES:
+        raise LayershapError(f"unknown --index {index!r}; use one of {', '.join(INDEX_CHOICES)}")
+    elif index == "semivalue":
+        r_max = covered_prefix(removed_counts or [])
+        if r_max < 1:
+            raise LayershapError("the surrogate's data do not cover 0..1 removed layers; give the range with --sizes A:B")
+        chosen = Index("semivalue", 1, min(r_max, n))
+    else:
+        chosen = Index(index)
+    chosen.validate(n)
+    return chosen
+
+
+def coverage_report(chosen: Index, removed_counts: list[int] | None, n: int) -> dict:
+    """Removed-layer counts in the data, weighted by ``chosen``, and uncovered; warns when any are uncovered.
+
+    Example:
+        >>> coverage_report(Index("semivalue", 1, 3), [0, 1, 2, 3], 8)["uncovered"]
+        []
+    """
+    weighted = chosen.removed_counts_used(n)
+    if removed_counts is None:
+        return {"removed_counts_in_data": None, "removed_counts_weighted": weighted, "uncovered": None}
+    missing = uncovered_counts(chosen, removed_counts, n)
+    if missing:
+        warnings.warn(
+            f"{chosen.name} weights models with {ranges_text(missing)} layers removed, which the surrogate never "
+            f"saw in training (its data cover {ranges_text(sorted(removed_counts))} removed); its scores rest on "
+            "extrapolation there. Use --index auto for the range the data support, or measure more masks "
+            "(all-sizes strata) and retrain.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return {"removed_counts_in_data": sorted(int(r) for r in removed_counts), "removed_counts_weighted": weighted,
+            "uncovered": missing}
+
+
+def ranges_text(values: list[int]) -> str:
+    """Counts as ranges.
+
+    Example:
+        >>> ranges_text([1, 2, 3, 7, 9, 10])
+        '1-3, 7, 9-10'
+    """
+    parts, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = v
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(parts)
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise LayershapError(f"the number of layers must be a positive integer; got {n!r}")
+
+
+def _check_range(n: int, low: int, high: int) -> None:
+    if not 1 <= low <= high <= n:
+        raise LayershapError(
+            f"removed-layer range {low}:{high} is outside 1..{n} for a {n}-layer model; "
+            f"give --sizes A:B with 1 <= A <= B <= {n}"
+        )

@@ -1,0 +1,43 @@
+"""The committed artifacts of the embedded default are consistent and usable offline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from layershap.oracle.identity import check_same_model
+from layershap.oracle.store import DatasetStore
+from layershap.surrogate.checkpoint import load_surrogate
+from layershap.cli.main import main
+
+ART = Path(__file__).resolve().parents[2] / "artifacts" / "gemma-3-270m"
+
+
+def test_artifact_surrogate_belongs_to_its_dataset():
+    store = DatasetStore.open(ART / "dataset.zarr")
+    surrogate = load_surrogate(ART / "surrogate")
+    trained_rows = surrogate.metadata["split"]["rows"]  # the suggestions step measured a few more rows after training
+    assert trained_rows <= len(store)
+    assert surrogate.metadata["dataset_hash"] == store.content_hash(rows=trained_rows)
+    check_same_model(surrogate.metadata, store.attrs, what="the surrogate", fix="retrain it")
+    assert store.n_layers == surrogate.n_layers == 18
+    removed = sorted({int(r) for r in (~store.masks).sum(axis=1)})
+    assert surrogate.removed_counts == [r for r in removed if r in surrogate.removed_counts]
+    # the stored nll of layer 5 removed alone is catastrophic (perplexity ~1e7)
+    only5 = np.ones(18, bool)
+    only5[5] = False
+    row = np.flatnonzero((store.masks == only5).all(axis=1))
+    assert len(row) == 1 and math.exp(store.nll[row[0]]) > 1e6
+
+
+def test_shapley_on_artifact_surrogate_runs_offline(tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    assert main(["shapley", str(ART / "surrogate"), "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["n_layers"] == 18 and sorted(doc["ranking"]) == list(range(18))
+    assert doc["index"] == "semivalue[1:9]"
+    assert 5 in doc["ranking"][-3:]  # the cornerstone layer is among the three most important
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,94 @@
+"""`layershap run` end to end: tiny random model (seconds) and the embedded Gemma-3-270M in a reduced setting."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import loss_with_layers_deleted, save_tiny_model_dir
+from transformers import AutoModelForCausalLM
+
+from layershap.oracle.store import DatasetStore
+from layershap.cli.main import main
+
+
+def test_run_tiny_model_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", 6, seed=1)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-masks", "30", "--windows", "2",
+            "--seq-len", "24", "--members", "2", "--hidden", "32", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("dataset.zarr", "surrogate/metadata.json", "scores.json", "scores.png", "summary.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    scores = json.loads((out / "scores.json").read_text())
+    store = DatasetStore.open(out / "dataset.zarr")
+    assert len(store) >= 30
+    windows = store.windows
+
+    # the table's leave-one-out perplexities are the oracle's, checked against HF's loss on a deleted-layer model
+    row = summary["layers"][2]
+    assert row["loo_perplexity"] == pytest.approx(math.exp(loss_with_layers_deleted(model_dir, windows, [2])), rel=1e-5)
+    assert summary["full_perplexity"] == pytest.approx(math.exp(loss_with_layers_deleted(model_dir, windows, [])), rel=1e-5)
+    # ranks follow the scores (rank 1 = lowest score)
+    order = np.argsort([r["score"] for r in summary["layers"]], kind="stable")
+    assert [summary["layers"][i]["rank"] for i in order] == list(range(1, 7))
+    assert scores["ranking"] == [int(i) for i in order]
+    # each suggestion's measured perplexity is the real perplexity of the model without those layers
+    for s in summary["suggestions"]:
+        assert len(s["layers"]) == s["remove"]
+        assert s["measured_perplexity"] == pytest.approx(
+            math.exp(loss_with_layers_deleted(model_dir, windows, s["layers"])), rel=1e-5)
+    assert "suggested layers to remove" in printed and "LOO ppl" in printed
+
+    # running again resumes: nothing is re-measured, finished rows keep their values. The surrogate is retrained
+    # on every stored row (the suggestion checks included), so its subset search may ask the oracle for a few new
+    # pruning candidates; those are the only rows that can be added.
+    before = {m.tobytes(): (v, s) for m, v, s in zip(store.masks, store.nll, store.seconds)}
+    assert main(argv) == 0
+    again = DatasetStore.open(out / "dataset.zarr")
+    assert len(again) >= len(store)
+    rows = {m.tobytes(): (v, s) for m, v, s in zip(again.masks, again.nll, again.seconds)}
+    assert {k: rows[k] for k in before} == before
+    sizes = {s["remove"] for s in json.loads((out / "summary.json").read_text())["suggestions"]}
+    assert {int((~m).sum()) for m in again.masks[len(store):]} <= sizes
+
+
+@pytest.mark.slow
+def test_run_embedded_gemma_reduced(tmp_path, capsys):
+    """The real embedded model, few masks and short windows: layer 5 must come out as the most important."""
+    out = tmp_path / "gemma"
+    argv = ["run", "--out", str(out), "--n-masks", "40", "--windows", "1", "--seq-len", "48",
+            "--members", "1", "--hidden", "64", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_layers"] == 18
+    assert 1 < summary["full_perplexity"] < 200
+    loo = [r["loo_perplexity"] for r in summary["layers"]]
+    assert int(np.argmax(loo)) == 5 and loo[5] > 100 * summary["full_perplexity"]
+    ranks = {r["layer"]: r["rank"] for r in summary["layers"]}
+    assert ranks[5] >= 16  # among the three most important layers
+    for s in summary["suggestions"]:
+        assert 5 not in s["layers"]
+        assert math.isfinite(s["measured_perplexity"])
+
+
+def test_run_with_active_sampling_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", 5, seed=2)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-masks", "14", "--budget", "24",
+            "--windows", "1", "--seq-len", "16", "--members", "2", "--hidden", "16", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "active_sampling.json").read_text())
+    store = DatasetStore.open(out / "dataset.zarr")
+    keys = [m.tobytes() for m in store.masks]
+    assert len(keys) == len(set(keys))                      # no mask measured twice
+    assert report["stopped"] in ("stable", "budget", "exhausted")
+    assert len(store) <= 24 + 3 * 3                          # budget, plus the re-measured suggestions
