@@ -3,7 +3,7 @@
 1. Reference: a surrogate (``--reference-members`` members, to keep training noise out of the reference) trained
    on ``--reference`` stratified masks gives the reference scores (the index the data support: the
    pruning-range semivalue for the default strata).
-2. Active: :func:`layershap.surrogate.active.run_active_sampling` from ``--initial`` stratified masks, adding
+2. Active: :func:`layershap.pipeline.active.run_active_sampling` from ``--initial`` stratified masks, adding
    ``--batch`` masks per round where the ensemble disagrees, until its ranking is stable or ``--budget`` is spent.
    Every round's surrogate (package defaults, as ``layershap run --budget`` trains it) is compared with the
    reference.
@@ -40,9 +40,9 @@ from layershap.surrogate.network import DEFAULT_HIDDEN
 
 def scores_of(store_path: Path | None, out_dir: Path, args: argparse.Namespace, members: int | None = None):
     """Scores of the surrogate in ``out_dir``, trained there first on ``store_path`` unless that is None."""
+    from layershap.shapley.estimate import compute_scores
+    from layershap.shapley.semivalues import default_index
     from layershap.surrogate.checkpoint import load_surrogate
-    from layershap.surrogate.semivalues import default_index
-    from layershap.surrogate.shapley import compute_scores
     from layershap.surrogate.train import train_surrogate
 
     if store_path is not None:
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from layershap.oracle.evaluate import MaskedEvaluator
     from layershap.oracle.loading import load_model
-    from layershap.oracle.measure import StoreOracle, dataset_identity
+    from layershap.oracle.measure import CachedOracle, dataset_identity
     from layershap.oracle.store import DatasetStore
     from layershap.oracle.text import load_text, make_windows
+    from layershap.pipeline.active import run_active_sampling
     from layershap.sampling.stratified import stratified_masks
-    from layershap.surrogate.active import run_active_sampling
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     n = identity["n_layers"]
     evaluator = MaskedEvaluator(loaded.model, windows)
     cache = DatasetStore.create_or_open(out / "measured.zarr", identity, windows)
-    oracle = StoreOracle(evaluator, cache, progress=False)  # each mask measured once, shared by all methods
+    oracle = CachedOracle(evaluator, cache, progress=False)  # each mask measured once, shared by all methods
     if args.reuse is not None:
         other = DatasetStore.open(args.reuse)
         other.check_identity({k: identity[k] for k in ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype")})

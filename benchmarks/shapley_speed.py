@@ -20,9 +20,11 @@ import time
 
 import torch
 
+from layershap.shapley.exact import exact_semivalue
+from layershap.shapley.montecarlo import permutation_shapley, stratified_semivalue
+from layershap.shapley.semivalues import Index
 from layershap.surrogate.checkpoint import Surrogate
 from layershap.surrogate.network import DEFAULT_HIDDEN, MaskNet
-from layershap.surrogate.shapley import Index, exact_semivalue, permutation_shapley, stratified_semivalue
 
 
 def random_surrogate(n: int, hidden: int, seed: int = 0) -> Surrogate:

@@ -133,7 +133,7 @@ def one_line(message: str) -> str:
         "--n-masks: Expected a <class 'int'>. Got value: x"
     """
     text = str(message).strip()
-    key = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.DOTALL)
     if key:
         text = f"--{key.group(1)}: {key.group(2)}"
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -30,7 +30,7 @@ def positive(name: str, value: int | None) -> int | None:
     return value
 
 
-def non_negative(name: str, value: int | float | None) -> int | float | None:
+def non_negative(name: str, value: float | None) -> int | float | None:
     """``value`` if it is None or at least 0, else a LayershapError naming ``--name``."""
     if value is not None and value < 0:
         raise LayershapError(f"{_flag(name)} must be 0 or more, got {value}")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import uuid
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,6 @@ def package_version() -> str:
         >>> package_version()          # doctest: +SKIP
         '0.1.0'
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("layershap")
     except PackageNotFoundError:

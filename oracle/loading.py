@@ -6,6 +6,9 @@ plus tokenizer files under ``cache_dir()/converted/<sha256 of the .gguf file>/``
 in seconds. The cache directory is written under a temporary name and renamed into place, so a killed
 conversion never leaves a half-written cache behind.
 
+(Over 300 lines on purpose: the four model sources and the GGUF conversion cache share one set of helpers,
+and the tests replace ``convert_gguf`` here to stand in for the slow dequantization.)
+
 Example:
     >>> loaded = load_model("gemma-3-270m")              # embedded default, float32 on CPU / bfloat16 on CUDA
     >>> loaded.model_id, loaded.model_hash[:12], loaded.device

@@ -14,28 +14,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from layershap.core.errors import MaskError
 from layershap.core.masks import check_masks, unique_rows
 
+from .evaluate import MaskedEvaluator
 from .layers import find_layers, layer_types
+from .loading import LoadedModel
 from .prefix import trie_order
+from .store import DatasetStore
 from .text import windows_sha256
 
 # Masks per evaluator call, taken in trie order: 128 stratified masks of an 18-layer model need 920 layer
 # forwards in groups of 32 (909 all at once, 1694 without sharing; 1350 in request-order groups of 8),
 # and a kill loses at most one group (~1 minute for Gemma-3-270M on 2 CPU cores).
 MASKS_PER_CALL = 32
-
-if TYPE_CHECKING:
-    from .evaluate import MaskedEvaluator
-    from .loading import LoadedModel
-    from .store import DatasetStore
 
 
 def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq_len: int) -> dict:

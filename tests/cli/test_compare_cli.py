@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import loss_with_layers_deleted, save_tiny_model_dir
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from layershap.core.errors import LayershapError
 from layershap.cli.main import main
+from layershap.core.errors import LayershapError
 from layershap.pruning.compare import CompareConfig, run_compare
 
 N = 4

@@ -3,7 +3,6 @@ resume after SIGKILL, and bad input (exit status 2, clear message, existing stor
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -17,8 +16,8 @@ import pytest
 import torch
 from conftest import TINY_VOCAB, loss_with_layers_deleted, make_tiny_tokenizer, save_tiny_model_dir
 
-from layershap.oracle.store import DatasetStore
 from layershap.cli.main import main
+from layershap.oracle.store import DatasetStore
 
 QUICK = ["--windows", "2", "--seq-len", "16", "--device", "cpu", "--no-progress"]
 
@@ -233,8 +232,8 @@ def test_not_a_store_and_bad_numbers(tmp_path, tiny_model_dir, capsys):
 
 def test_cache_budget_option_gives_the_same_rows(tmp_path, tiny_model_dir):
     """--cache-mb 1 (a tight prefix-cache budget) stores the same nll as the default budget."""
-    from layershap.oracle.store import DatasetStore
     from layershap.cli.main import main
+    from layershap.oracle.store import DatasetStore
 
     common = ["oracle", "--model", str(tiny_model_dir), "--masks", "loo", "--windows", "2", "--seq-len", "16",
               "--no-progress"]

@@ -9,15 +9,14 @@ import math
 import numpy as np
 import pytest
 
+from layershap.cli.main import main
 from layershap.core.errors import LayershapError
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
-from layershap.surrogate.checkpoint import load_surrogate
-from layershap.cli.main import main
-from layershap.shapley.semivalues import choose_index, coverage_report
-from layershap.shapley.scores_io import read_scores, write_scores
 from layershap.shapley.game import Scores
-from layershap.shapley.semivalues import Index
+from layershap.shapley.scores_io import read_scores, write_scores
+from layershap.shapley.semivalues import Index, choose_index, coverage_report
+from layershap.surrogate.checkpoint import load_surrogate
 from layershap.surrogate.train import train_surrogate
 
 N = 6

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer, save_tiny_model_dir
 
-from layershap.oracle import loading
 from layershap.core.errors import LayershapError, MissingPackageError
+from layershap.oracle import loading
 from layershap.oracle.loading import LoadedModel, clear_gguf_quantizer, load_model, model_fingerprint
 
 
@@ -112,7 +112,7 @@ def _fake_converter(calls: list):
 
 def test_gguf_conversion_is_cached_by_sha256(tmp_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_HASH_BLOCK", 4096)  # the file spans many hash blocks, the last one partial
-    payload = np.random.default_rng(0).bytes(300_017)
+    payload = b"GGUF" + np.random.default_rng(0).bytes(300_013)  # GGUF magic first, as in a real file
     gguf_file = tmp_path / "weights.gguf"
     gguf_file.write_bytes(payload)
     calls: list = []
@@ -135,8 +135,8 @@ def test_gguf_conversion_is_cached_by_sha256(tmp_cache, tmp_path, monkeypatch):
 
 def test_failed_conversion_leaves_no_cache(tmp_cache, tmp_path, monkeypatch):
     gguf_file = tmp_path / "broken.gguf"
-    gguf_file.write_bytes(b"0123456789")
-    digest = hashlib.sha256(b"0123456789").hexdigest()
+    gguf_file.write_bytes(b"GGUF456789")
+    digest = hashlib.sha256(b"GGUF456789").hexdigest()
     stale = tmp_cache / "converted" / f".partial-{digest}-999999999-x"  # from a killed run (no such pid)
     stale.mkdir(parents=True)
 

@@ -12,8 +12,8 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from layershap.core.errors import MaskError
-from layershap.oracle.layers import find_layers, layer_types, skip_layers
 from layershap.core.masks import masks_from_removed
+from layershap.oracle.layers import find_layers, layer_types, skip_layers
 from layershap.oracle.prune import PRUNE_INFO_FILE, prune_model, save_pruned_model
 
 PRUNE_ARCHS = ["llama", "gemma3", "gpt2", "opt", "qwen3", "gemma2", "gpt_neox", "phi3", "mistral", "qwen2"]
@@ -119,8 +119,8 @@ def _scores_file(path, n_layers, values, model_id, model_hash):
 def test_prune_and_evaluate_cli(tmp_path, capsys):
     from conftest import save_tiny_model_dir
 
-    from layershap.oracle.loading import load_model
     from layershap.cli.main import main
+    from layershap.oracle.loading import load_model
 
     src = save_tiny_model_dir(tmp_path / "tiny", "llama", 4, seed=7)
     lm = load_model(str(src), device="cpu")
@@ -160,8 +160,8 @@ def test_prune_and_evaluate_cli(tmp_path, capsys):
 def test_prune_cli_refuses_scores_of_another_model(tmp_path, capsys):
     from conftest import save_tiny_model_dir
 
-    from layershap.oracle.loading import load_model
     from layershap.cli.main import main
+    from layershap.oracle.loading import load_model
 
     src = save_tiny_model_dir(tmp_path / "tiny", "llama", 4, seed=8)
     lm = load_model(str(src), device="cpu")

@@ -9,11 +9,11 @@ from scipy.stats import kendalltau
 from layershap.core.errors import LayershapError
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
-from layershap.sampling.stratified import loo_masks
 from layershap.pipeline.active import run_active_sampling, stable
 from layershap.sampling.active import select_uncertain
-from layershap.shapley.semivalues import Index
+from layershap.sampling.stratified import loo_masks
 from layershap.shapley.estimate import compute_scores
+from layershap.shapley.semivalues import Index
 
 N = 8
 FAST_TRAIN = {"max_epochs": 120, "patience": 15, "depth": 2}

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from layershap.cli.main import main
 from layershap.oracle.identity import check_same_model
 from layershap.oracle.store import DatasetStore
 from layershap.surrogate.checkpoint import load_surrogate
-from layershap.cli.main import main
 
 ART = Path(__file__).resolve().parents[2] / "artifacts" / "gemma-3-270m"
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import numpy as np
 import pytest
-import torch
 from conftest import loss_with_layers_deleted, save_tiny_model_dir
-from transformers import AutoModelForCausalLM
 
-from layershap.oracle.store import DatasetStore
 from layershap.cli.main import main
+from layershap.oracle.store import DatasetStore
 
 
 def test_run_tiny_model_end_to_end(tmp_path, capsys, monkeypatch):

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from layershap.core.errors import LayershapError
 from layershap.cli.main import main
+from layershap.core.errors import LayershapError
+from layershap.pruning.sparsity import owl_sparsities
 from layershap.shapley.game import Scores
 from layershap.shapley.scores_io import write_scores
-from layershap.pruning.sparsity import owl_sparsities
 
 
 def _check(scores: np.ndarray, target: float, lam: float) -> np.ndarray:
