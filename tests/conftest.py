@@ -92,9 +92,11 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", n_layers: int = 4, seed
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models run ~100x faster on one thread when the 2 shared cores are busy (no OpenMP barrier waits)."""
+    """Tiny models run ~100x faster on one thread when the 2 shared cores are busy (no OpenMP barrier waits).
+
+    Module-scoped, so a module's shared fixtures (stores, surrogates) are built on one thread too."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

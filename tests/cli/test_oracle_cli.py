@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import TINY_VOCAB, loss_with_layers_deleted, make_tiny_tokenizer, save_tiny_model_dir
 
 from layershap.cli.main import main
@@ -34,13 +33,7 @@ def committed_rows(path: Path) -> int:
         return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; the machine's cores are shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the stores below are built on one thread too
 
 
 @pytest.fixture(scope="module")
