@@ -1,4 +1,5 @@
-"""measure_masks with a stand-in evaluator: only missing masks are measured, once each, in kept-layer trie order."""
+"""measure_masks and the cached oracle with a stand-in evaluator: only missing masks are measured, once each, in
+kept-layer trie order."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from layershap.core.errors import MaskError
 from layershap.core.masks import unique_rows
-from layershap.oracle.measure import measure_masks
+from layershap.oracle.measure import CachedOracle, measure_masks
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
 
@@ -82,3 +83,29 @@ def test_mask_length_and_layer_count_checked(store):
 def test_unique_rows_keeps_first_occurrences():
     m = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1]], bool)
     np.testing.assert_array_equal(unique_rows(m), m[[0, 1, 4]])
+
+
+def test_cached_oracle_with_a_store_measures_each_mask_once_and_appends(store):
+    masks = all_masks()
+    ev = CountingEvaluator()
+    store.append(masks[[3]], closed_form(masks[[3]]), [1.0])
+    oracle = CachedOracle(ev, store, progress=False)
+    np.testing.assert_allclose(oracle(masks[[3, 6, 6, 7]]), -closed_form(masks[[3, 6, 6, 7]]))
+    assert oracle.measured == 2 and len(store) == 3  # 3 was stored; 6 measured once although asked twice
+    measure_masks(ev, store, masks[[8]], progress=False)  # a row appended by someone else is an answer too
+    calls = len(ev.calls)
+    np.testing.assert_allclose(oracle.nll(masks[[8, 7, 3]]), closed_form(masks[[8, 7, 3]]))
+    assert len(ev.calls) == calls and oracle.measured == 2
+    assert oracle.known(masks[6]) == pytest.approx(closed_form(masks[[6]])[0]) and oracle.known(masks[9]) is None
+    np.testing.assert_allclose(store.nll, closed_form(store.masks))
+
+
+def test_cached_oracle_without_a_store_keeps_answers_in_memory():
+    ev = CountingEvaluator()
+    oracle = CachedOracle(ev, label="held-out", progress=False)
+    masks = all_masks()
+    np.testing.assert_allclose(oracle.nll(masks), closed_form(masks))
+    np.testing.assert_allclose(oracle.nll(masks[::-1]), closed_form(masks[::-1]))
+    assert oracle.measured == 2**N and sum(len(c) for c in ev.calls) == 2**N
+    with pytest.raises(MaskError, match="does not match"):
+        oracle.nll(np.ones((1, N + 1), bool))
