@@ -11,11 +11,15 @@ replaced; a group that kills :data:`MAX_TRIES` workers is reported instead of re
 Each worker takes one GPU when the cluster has GPUs (``gpus_per_worker`` of them with a ``device_map``, which
 shards one model over them), else ``cpus_per_worker`` CPU cores.
 
+The driver never needs the model itself: :meth:`RayOracle.windows_for` cuts the token windows and computes the
+store identity on a worker, so a model larger than the driver's memory can still be measured.
+
 Example:
-    >>> store = DatasetStore.create_or_open(out, dataset_identity(loaded, text_id, windows, 128), windows)
     >>> measure_masks_distributed("./my-llama", store, masks, workers=8)          # local cluster or $RAY_ADDRESS
-    >>> with RayOracle("./my-llama", store.windows, store.identity, workers=8) as pool:
-    ...     measure_masks(pool, store, masks)                                     # same thing, pool kept open
+    >>> with RayOracle("./my-llama", workers=8) as pool:                           # a new store, model never on the driver
+    ...     windows, identity = pool.windows_for(text.text, text.text_id, n_windows=10, seq_len=128, seed=0)
+    ...     store = DatasetStore.create_or_open("llama.zarr", identity, windows)
+    ...     measure_masks(pool, store, masks)
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def connect(ray_address: str | None = None):
     ray = require_ray()
     if not ray.is_initialized():
         try:
-            ray.init(address=ray_address, include_dashboard=False)
+            local = ray_address is None and "RAY_ADDRESS" not in os.environ
+            ray.init(address=ray_address, **({"include_dashboard": False} if local else {}))
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"at {ray_address!r}" if ray_address else "(local)"
             raise LayershapError(
@@ -70,35 +75,72 @@ def connect(ray_address: str | None = None):
     return ray
 
 
+class WorkerLoadError(LayershapError):
+    """A Ray worker could not load the model; the message says why."""
+
+
 class MaskWorker:
-    """The Ray actor: loads the model once (:meth:`load`), then measures groups of masks (:meth:`nll`)."""
+    """The Ray actor: loads the model once (:meth:`load`), takes the token windows (:meth:`use_windows`), then
+    measures groups of masks (:meth:`nll`). A failed load is raised again by every later call."""
 
     def __init__(self) -> None:
+        self.loaded = None
+        self.load_error: WorkerLoadError | None = None
         self.evaluator = None
 
-    def load(self, model_spec: str, windows: np.ndarray, identity: dict, device: str, device_map: str | None,
-             batch_size: int, cache_mb: float | None, threads: int | None) -> dict:
-        """Load ``model_spec`` in the store's dtype and check it is the store's model; returns where it runs."""
+    def load(self, model_spec: str, dtype: str | None, device: str, device_map: str | None,
+             threads: int | None) -> dict:
+        """Load ``model_spec`` (``dtype``: a torch dtype name, None for the device's default); where it runs."""
         import torch
 
-        from .evaluate import MaskedEvaluator
-        from .layers import find_layers
         from .loading import load_model
 
         if threads is not None:
             torch.set_num_threads(threads)
-        loaded = load_model(model_spec, device=device, dtype=getattr(torch, identity["dtype"]),
-                            device_map=device_map)
-        n_layers = find_layers(loaded.model).n_layers
-        if (loaded.model_hash, n_layers) != (identity["model_hash"], identity["n_layers"]):
+        try:
+            self.loaded = load_model(model_spec, device=device, dtype=None if dtype is None else getattr(torch, dtype),
+                                     device_map=device_map)
+        except Exception as err:  # kept: every later call on this worker raises it again
+            text = str(err).strip()
+            self.load_error = WorkerLoadError(
+                f"a Ray worker could not load the model {model_spec!r}: {type(err).__name__}: "
+                f"{text.splitlines()[-1] if text else ''}; every worker must be able to read the same model spec "
+                "(a path visible on each node, or a hub id)"
+            )
+            raise self.load_error from err
+        return {"pid": os.getpid(), "device": str(self.loaded.device)}
+
+    def _model(self):
+        if self.load_error is not None:
+            raise self.load_error
+        return self.loaded
+
+    def cut_windows(self, text: str, text_id: str, n_windows: int, seq_len: int, seed: int) -> tuple[np.ndarray, dict]:
+        """Token windows of ``text`` (this worker's tokenizer) and the store identity they give with its model."""
+        from .measure import dataset_identity
+        from .text import make_windows
+
+        loaded = self._model()
+        windows = make_windows(loaded.tokenizer, text, n_windows, seq_len, seed)
+        return windows, dataset_identity(loaded, text_id, windows, seq_len)
+
+    def use_windows(self, windows: np.ndarray, identity: dict, batch_size: int, cache_mb: float | None) -> None:
+        """Check the loaded model is the one ``identity`` names, and evaluate on ``windows`` from now on."""
+        from .evaluate import MaskedEvaluator
+        from .layers import find_layers
+
+        loaded = self._model()
+        dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+        mine = (loaded.model_hash, find_layers(loaded.model).n_layers, dtype)
+        wanted = (identity["model_hash"], identity["n_layers"], identity["dtype"])
+        if mine != wanted:
             raise StoreMismatchError(
-                f"the worker loaded {model_spec!r} with hash {loaded.model_hash[:12]} and {n_layers} layers, "
-                f"but the store was measured on hash {identity['model_hash'][:12]} with {identity['n_layers']} "
-                "layers; give every worker the same checkpoint as the driver"
+                f"a Ray worker loaded a model with (hash, layers, dtype) = ({mine[0][:12]}, {mine[1]}, {mine[2]}) but "
+                f"the store was measured with ({wanted[0][:12]}, {wanted[1]}, {wanted[2]}); every worker must read "
+                "the same checkpoint in the store's dtype"
             )
         self.evaluator = MaskedEvaluator(loaded.model, windows, batch_size=batch_size, device=loaded.device,
                                          cache_mb=cache_mb)
-        return {"pid": os.getpid(), "device": str(loaded.device)}
 
     def nll(self, masks: np.ndarray) -> tuple[np.ndarray, float]:
         """Mean NLL of each mask of a group and the wall-clock seconds the group took."""
@@ -107,21 +149,30 @@ class MaskWorker:
         return values, time.perf_counter() - began
 
 
+# Kinds of worker calls the driver waits on, besides groups of masks (their index).
+LOAD, WINDOWS = "load", "windows"
+
+
 class RayOracle:
     """A pool of :class:`MaskWorker` actors on the connected Ray cluster; an evaluator for ``measure_masks``.
 
-    ``windows``/``identity``: the store's (``store.windows``, ``store.identity``); workers load the model in
-    the identity's dtype and refuse a checkpoint with another hash. Workers start loading at once; use the pool
-    as a context manager (or call :meth:`close`) to stop them.
+    Workers start loading ``model_spec`` at once (``dtype``: a store's dtype name, None for the device's
+    default). Before measuring, give them their token windows: :meth:`use_windows` with an existing store's
+    ``windows``/``identity``, or :meth:`windows_for` to cut new ones from a text on a worker (the driver never
+    loads the model). Use the pool as a context manager (or call :meth:`close`) to stop the workers.
 
     Example:
-        >>> with RayOracle("./my-llama", store.windows, store.identity, workers=4) as pool:
+        >>> with RayOracle("./my-llama", workers=4, dtype=store.identity["dtype"]) as pool:
+        ...     pool.use_windows(store.windows, store.identity)
         ...     measure_masks(pool, store, masks)
+        >>> pool = RayOracle("./llama-70b", workers=2, device_map="auto")    # 4 GPUs each on an 8-GPU node
+        >>> windows, identity = pool.windows_for(text.text, text.text_id, n_windows=10, seq_len=128, seed=0)
+        >>> store = DatasetStore.create_or_open("llama70b.zarr", identity, windows)
     """
 
-    def __init__(self, model_spec: str, windows: np.ndarray, identity: dict, *, workers: int,
-                 device: str = "auto", device_map: str | None = None, gpus_per_worker: int | None = None,
-                 cpus_per_worker: int = 1, batch_size: int = 4, cache_mb: float | None = None) -> None:
+    def __init__(self, model_spec: str, *, workers: int, dtype: str | None = None, device: str = "auto",
+                 device_map: str | None = None, gpus_per_worker: int | None = None, cpus_per_worker: int = 1,
+                 batch_size: int = 4, cache_mb: float | None = None) -> None:
         ray = require_ray()
         if not ray.is_initialized():
             connect(None)
@@ -131,7 +182,6 @@ class RayOracle:
             raise LayershapError(f"unknown device {device!r}; use auto, cpu or cuda")
         self._ray = ray
         self.model_spec = model_spec
-        self.n_layers = int(identity["n_layers"])
         self.workers = workers
         cluster = ray.cluster_resources()
         gpus = int(cluster.get("GPU", 0)) if device != "cpu" else 0
@@ -149,14 +199,16 @@ class RayOracle:
                 f"{workers} workers need {need} {kind}s but the Ray cluster has {have}; ask for fewer --workers "
                 "or add nodes to the cluster"
             )
-        self._load_args = (ray.put(np.asarray(windows, dtype=np.int64)), dict(identity),
-                           "cuda" if self.gpus_per_worker else "cpu", device_map, batch_size, cache_mb,
+        self._load_args = (model_spec, dtype, "cuda" if self.gpus_per_worker else "cpu", device_map,
                            None if self.gpus_per_worker else cpus_per_worker)
+        self._eval_args = (batch_size, cache_mb)
+        self._windows: tuple | None = None  # (windows object ref, identity) once given
+        self.n_layers: int | None = None
         self._actor_class = ray.remote(MaskWorker).options(
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0)
         self.actors: list = [None] * workers
-        self._busy = [0] * workers  # groups sent to each worker and not returned yet
-        self._pending: dict = {}  # object ref -> (slot, group index or None for the load)
+        self._busy = [0] * workers  # groups sent to each worker and not returned yet (PREFETCH until ready)
+        self._pending: dict = {}  # object ref -> (slot, LOAD, WINDOWS or a group index)
         self.replaced = 0  # workers that died and were replaced
         self.requeued = 0  # groups measured again because their worker died
         self.where: dict[int, dict] = {}  # slot -> {"pid", "device"} once loaded
@@ -172,12 +224,50 @@ class RayOracle:
     def _start(self, slot: int) -> None:
         actor = self._actor_class.remote()
         self.actors[slot] = actor
-        self._busy[slot] = PREFETCH  # nothing is sent before the model is loaded
-        self._pending[actor.load.remote(self.model_spec, *self._load_args)] = (slot, None)
+        self._busy[slot] = PREFETCH  # nothing is sent before the model is loaded and has its windows
+        self._pending[actor.load.remote(*self._load_args)] = (slot, LOAD)
+        if self._windows is not None:
+            self._pending[actor.use_windows.remote(*self._windows, *self._eval_args)] = (slot, WINDOWS)
+
+    def use_windows(self, windows: np.ndarray, identity: dict) -> None:
+        """Measure on ``windows`` from now on; workers check their model against ``identity`` (a store's).
+
+        Example:
+            >>> pool.use_windows(store.windows, store.identity)
+        """
+        if self._windows is not None:
+            raise ValueError("the workers already have their windows; start a new RayOracle for other windows")
+        self._windows = (self._ray.put(np.asarray(windows, dtype=np.int64)), dict(identity))
+        self.n_layers = int(identity["n_layers"])
+        for slot, actor in enumerate(self.actors):
+            self._pending[actor.use_windows.remote(*self._windows, *self._eval_args)] = (slot, WINDOWS)
+
+    def windows_for(self, text: str, text_id: str, n_windows: int, seq_len: int,
+                    seed: int) -> tuple[np.ndarray, dict]:
+        """Cut token windows from ``text`` on a worker, as ``make_windows`` does, and use them; returns
+        ``(windows, identity)`` for ``DatasetStore.create_or_open``.
+
+        Example:
+            >>> windows, identity = pool.windows_for(text.text, text.text_id, 4, 128, seed=0)
+        """
+        from ray.exceptions import RayActorError, RayTaskError
+
+        while True:
+            slot = 0
+            try:
+                windows, identity = self._ray.get(self.actors[slot].cut_windows.remote(
+                    text, text_id, n_windows, seq_len, seed))
+                break
+            except RayActorError:
+                self._lost(slot)
+            except RayTaskError as err:
+                raise (getattr(err, "cause", None) or err) from None
+        self.use_windows(windows, identity)
+        return windows, identity
 
     def busy_actors(self) -> list:
         """Handles of the workers holding unfinished groups right now."""
-        return [self.actors[slot] for slot, job in self._pending.values() if job is not None]
+        return [self.actors[slot] for slot, job in self._pending.values() if isinstance(job, int)]
 
     def close(self) -> None:
         """Stop every worker (the store keeps every committed row)."""
@@ -187,16 +277,12 @@ class RayOracle:
         self.actors = [None] * self.workers
         self._pending.clear()
 
-    def _failure(self, err: Exception, job: int | None) -> LayershapError | Exception:
-        """The error to raise for an exception raised inside a worker method."""
-        cause = getattr(err, "cause", None) or err
-        if job is not None:  # a measurement error (e.g. non-finite NLL): the same error as in one process
-            return cause
-        return LayershapError(
-            f"a Ray worker could not load the model {self.model_spec!r}: {type(cause).__name__}: "
-            f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}; every worker must be able to "
-            "read the same model spec (a path visible on each node, or a hub id)"
-        )
+    def _lost(self, slot: int) -> list[int]:
+        """The worker in ``slot`` died: forget its calls, start a new one there; returns its unfinished groups."""
+        refs = [ref for ref, (s, _) in self._pending.items() if s == slot]
+        lost = [self._pending.pop(ref)[1] for ref in refs]
+        self._replace(slot)
+        return [job for job in lost if isinstance(job, int)]
 
     def run_groups(self, groups: list[np.ndarray],
                    on_group: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> None:
@@ -206,6 +292,8 @@ class RayOracle:
         """
         from ray.exceptions import RayActorError, RayTaskError
 
+        if self._windows is None:
+            raise ValueError("give the workers their windows first: use_windows(...) or windows_for(...)")
         queue = deque(range(len(groups)))
         tries = [0] * len(groups)
         left = len(groups)
@@ -213,17 +301,12 @@ class RayOracle:
             for slot in range(self.workers):
                 self._feed(slot, queue, groups)
             while left:
-                if not self._pending:
-                    raise LayershapError("every Ray worker is gone; see the Ray logs (`ray logs`) for why")
                 (ref,), _ = self._ray.wait(list(self._pending), num_returns=1)
-                slot, job = self._pending.pop(ref)
+                slot, job = self._pending[ref]
                 try:
                     result = self._ray.get(ref)
                 except RayActorError:  # the worker process died: re-queue all its groups, replace it
-                    lost = [job]
-                    for other in [r for r, (s, _) in self._pending.items() if s == slot]:
-                        lost.append(self._pending.pop(other)[1])
-                    for j in sorted((j for j in lost if j is not None), reverse=True):
+                    for j in sorted(self._lost(slot), reverse=True):
                         tries[j] += 1
                         if tries[j] >= MAX_TRIES:
                             raise LayershapError(
@@ -232,12 +315,13 @@ class RayOracle:
                             ) from None
                         queue.appendleft(j)
                         self.requeued += 1
-                    self._replace(slot)
                     continue
-                except RayTaskError as err:
-                    raise self._failure(err, job) from None
-                if job is None:
+                except RayTaskError as err:  # raised inside the worker: a failed load, a wrong model, bad values
+                    raise (getattr(err, "cause", None) or err) from None
+                del self._pending[ref]
+                if job == LOAD:
                     self.where[slot] = result
+                elif job == WINDOWS:
                     self._busy[slot] = 0
                 else:
                     values, seconds = result
@@ -246,7 +330,7 @@ class RayOracle:
                     left -= 1
                 self._feed(slot, queue, groups)
         finally:  # groups still out after an error are forgotten; their workers finish them unheard
-            self._pending = {ref: (s, j) for ref, (s, j) in self._pending.items() if j is None}
+            self._pending = {ref: (s, j) for ref, (s, j) in self._pending.items() if not isinstance(j, int)}
 
     def _feed(self, slot: int, queue: deque, groups: list[np.ndarray]) -> None:
         while queue and self._busy[slot] < PREFETCH:
@@ -255,7 +339,7 @@ class RayOracle:
             self._busy[slot] += 1
 
     def _replace(self, slot: int) -> None:
-        """Start a new worker in ``slot`` after its worker died; its other unfinished groups come back too."""
+        """Start a new worker in ``slot`` after its worker died."""
         if self.replaced >= MAX_TRIES * self.workers:
             raise LayershapError(
                 f"{self.replaced} Ray workers died; giving up (see the Ray logs, `ray logs`, for why they died)"
@@ -271,6 +355,8 @@ class RayOracle:
         Example:
             >>> pool.nll(np.ones((1, pool.n_layers), bool))
         """
+        if self.n_layers is None:
+            raise ValueError("give the workers their windows first: use_windows(...) or windows_for(...)")
         arr = check_masks(masks, self.n_layers)
         found: dict[bytes, float] = {}
 
@@ -291,13 +377,15 @@ def measure_masks_distributed(model_spec: str, store, masks: np.ndarray, *, work
                               masks_per_call: int = MASKS_PER_CALL, progress: bool = True) -> int:
     """:func:`~layershap.oracle.measure.measure_masks` on ``workers`` Ray workers; returns the rows added.
 
-    ``store``: an open, writable dataset store (its windows and identity go to the workers); ``ray_address``:
-    the cluster to join (None: ``$RAY_ADDRESS`` or a new local cluster).
+    ``store``: an open, writable dataset store (its windows and identity go to the workers, which load the
+    model in the store's dtype); ``ray_address``: the cluster to join (None: ``$RAY_ADDRESS`` or a new local
+    cluster).
 
     Example:
         >>> measure_masks_distributed("./my-llama", store, masks, workers=8, ray_address="ray://head:10001")
     """
     connect(ray_address)
-    with RayOracle(model_spec, store.windows, store.identity, workers=workers, device=device,
+    with RayOracle(model_spec, workers=workers, dtype=store.identity["dtype"], device=device,
                    device_map=device_map, batch_size=batch_size, cache_mb=cache_mb) as pool:
+        pool.use_windows(store.windows, store.identity)
         return measure_masks(pool, store, masks, progress=progress, masks_per_call=masks_per_call)

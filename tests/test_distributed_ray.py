@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import make_windows
 
 N_LAYERS = 6
+TEXT = "\n".join(list(topics.values())[:40])
 ALL_MASKS = ((np.arange(2**N_LAYERS)[:, None] >> np.arange(N_LAYERS)) & 1).astype(bool)  # all 64 masks
 
 
@@ -48,9 +50,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model_dir = save_tiny_model_dir(root / "model", "llama", N_LAYERS, 0)
     loaded = load_model(str(model_dir), device="cpu")
-    from pydoc_data.topics import topics
-
-    windows = make_windows(loaded.tokenizer, "\n".join(list(topics.values())[:40]), 2, 16, 0)
+    windows = make_windows(loaded.tokenizer, TEXT, 2, 16, 0)
     identity = dataset_identity(loaded, "topics", windows, 16)
     reference = DatasetStore.create_or_open(root / "reference.zarr", identity, windows)
     measure_masks(MaskedEvaluator(loaded.model, windows, device="cpu"), reference, ALL_MASKS, progress=False)
@@ -117,8 +117,11 @@ class KillOnFirstAppend:
 
 
 def test_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, setup):
-    store = new_store(setup, "killed-worker.zarr")
-    with RayOracle(str(setup["model_dir"]), store.windows, store.identity, workers=2) as pool:
+    with RayOracle(str(setup["model_dir"]), workers=2) as pool:
+        windows, identity = pool.windows_for(TEXT, "topics", 2, 16, 0)  # cut on a worker, as the driver would
+        np.testing.assert_array_equal(windows, setup["windows"])
+        assert identity == setup["identity"]
+        store = new_store(setup, "killed-worker.zarr")
         wrapped = KillOnFirstAppend(store, pool)
         assert measure_masks(pool, wrapped, ALL_MASKS, progress=False, masks_per_call=2) == 64
         assert wrapped.killed == 1 and pool.replaced == 1 and pool.requeued >= 1
@@ -187,6 +190,7 @@ def test_worker_that_cannot_load_the_model_gives_one_clear_error(cluster, setup)
     with pytest.raises(LayershapError) as info:
         measure_masks_distributed(str(broken), store, ALL_MASKS, workers=2, progress=False)
     message = str(info.value)
+    print(f"load failure: {message}")
     assert "could not load the model" in message and str(broken) in message and "\n" not in message
     assert len(DatasetStore.open(store.path)) == 1  # the row written before is still there
 
