@@ -310,6 +310,8 @@ def measure_masks_distributed(model_spec: str, store, masks: np.ndarray, *, work
     Example:
         >>> measure_masks_distributed("./my-llama", store, masks, workers=8, ray_address="ray://head:10001")
     """
+    if not store.missing(check_masks(masks, store.n_layers)).any():
+        return 0  # everything is stored already: no workers to start
     connect(ray_address)
     with RayOracle(model_spec, workers=workers, dtype=store.identity["dtype"], device=device,
                    device_map=device_map, batch_size=batch_size, cache_mb=cache_mb) as pool:

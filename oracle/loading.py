@@ -132,7 +132,9 @@ def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str, device:
     if not placement:
         model = model.to(device)
     else:
-        if any(p.device.type == "meta" for p in model.parameters()):
+        spread = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+        offloaded = device.type == "cuda" and bool(spread & {"cpu", "disk"})
+        if offloaded or any(p.device.type == "meta" for p in model.parameters()):
             raise LayershapError(
                 f"the device map could not fit {model_id!r} into the memory of the GPUs this process sees, so "
                 "accelerate offloaded weights to the CPU or disk; the oracle needs every weight on a GPU: give the "

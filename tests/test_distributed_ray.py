@@ -37,7 +37,7 @@ ALL_MASKS = ((np.arange(2**N_LAYERS)[:, None] >> np.arange(N_LAYERS)) & 1).astyp
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster with 2 CPUs (one per worker), shut down after the module."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -128,6 +128,10 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, setup):
         diff = max_diff_to_reference(DatasetStore.open(store.path), setup["ref"])
         print(f"worker killed: {len(store)} rows, {pool.requeued} groups re-queued, max |dnll| = {diff:.3g}")
         assert diff < 1e-6
+        some = ALL_MASKS[[63, 5, 40, 5]]  # the pool is also a plain evaluator (compare, baselines): nothing stored
+        ref = {row.tobytes(): v for row, v in zip(setup["ref"].masks, setup["ref"].nll)}
+        np.testing.assert_allclose(pool.nll(some), [ref[row.tobytes()] for row in some], rtol=0, atol=1e-6)
+        assert len(DatasetStore.open(store.path)) == 64
 
 
 DRIVER = textwrap.dedent("""
