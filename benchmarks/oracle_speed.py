@@ -3,8 +3,10 @@
 The oracle side is what ``layershap oracle`` runs: ``measure_masks`` with a ``MaskedEvaluator`` into a (temporary)
 zarr store, trie-ordered groups of masks with prefix sharing, every group's rows committed as it finishes.
 
-Prints the time of each path, their ratio, the largest NLL difference between them, and the oracle's throughput
-against this machine's own measured matmul rate for the same FLOPs (a roofline fraction).
+Prints the time and masks/s of each path, their ratio, the largest NLL difference between them, the oracle's
+throughput against this machine's own measured matmul rate in the model's dtype for the same FLOPs (a roofline
+fraction; with ``--peak-tflops`` also against a datasheet peak), and a cost model of the reference recipe
+(8,000 masks x 32 layers x 1,280 tokens) in GPU-hours on one GPU and on ``--gpus`` Ray workers.
 
 FLOPs counted for a masked forward: 2 x (matmul parameters of the kept layers) x (all tokens) + 2 x (head
 parameters) x (predicted tokens). Attention score/value products and norms are not counted (about 2 % at 128
@@ -14,7 +16,8 @@ ran after prefix sharing (so nominal throughput can exceed the matmul rate).
 Example:
     $ python benchmarks/oracle_speed.py                                  # Gemma-3-270M, 128 masks, 4 x 128 tokens
     $ python benchmarks/oracle_speed.py --masks-n 32 --windows 2
-    $ python benchmarks/oracle_speed.py --config llama3-8b.json --device cuda --windows 8 --seq-len 2048
+    $ python benchmarks/oracle_speed.py --config benchmarks/configs/llama-3-8b.json --device cuda \
+          --windows 10 --seq-len 128 --peak-tflops 989 --gpus 8      # random bf16 weights, H100 SXM dense peak
 """
 
 from __future__ import annotations
@@ -43,7 +46,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs (one Ray worker each) for the cost model (default 8)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="datasheet dense matmul peak of the device in the model's dtype, TFLOP/s (e.g. 989 for an "
+                        "H100 SXM in bf16); adds the fraction of it the oracle reaches")
     return p.parse_args(argv)
+
+
+# The reference recipe the cost model prices: masks x decoder layers x tokens per mask.
+RECIPE_MASKS, RECIPE_LAYERS, RECIPE_TOKENS = 8000, 32, 1280
+
+
+def print_cost_model(per_layer_params: float, head_params: float, kept_fraction: float, flops_per_s: float,
+                     load_s: float, gpus: int, unit: str = "GPU") -> None:
+    """Price the reference recipe at ``flops_per_s`` (nominal FLOPs per second of one GPU's oracle).
+
+    Nominal FLOPs per mask: 2 x (kept layers' matmul parameters + head parameters) x tokens, with the layer size
+    of the benchmarked model and the kept fraction of its stratified masks. Workers share nothing but masks and
+    results, so N GPUs divide the measuring time; each also loads the model once (``load_s``).
+    """
+    per_mask = 2.0 * (kept_fraction * RECIPE_LAYERS * per_layer_params + head_params) * RECIPE_TOKENS
+    hours = RECIPE_MASKS * per_mask / flops_per_s / 3600
+    load_h = load_s / 3600
+    print(f"cost model, reference recipe {RECIPE_MASKS} masks x {RECIPE_LAYERS} layers x {RECIPE_TOKENS} tokens "
+          f"(layers of this model's size, {kept_fraction:.0%} kept on average):")
+    print(f"  {per_mask / 1e12:.3f} TFLOP per mask nominal; at this run's {flops_per_s / 1e12:.3f} TFLOP/s nominal "
+          f"oracle throughput: {per_mask / flops_per_s:.3f} s/mask")
+    print(f"  {'1 x ' + unit:<12}: {hours + load_h:8.2f} {unit}-hours, {hours + load_h:8.2f} h wall "
+          f"(model load/build {load_s:.0f} s)")
+    print(f"  {f'{gpus} x ' + unit:<12}: {hours + gpus * load_h:8.2f} {unit}-hours, "
+          f"{hours / gpus + load_h:8.2f} h wall (Ray workers, one model copy each, loaded in parallel)")
 
 
 def build_from_config(path: str, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -177,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     from layershap.oracle.store import DatasetStore
     from layershap.sampling.stratified import stratified_masks
 
+    started = time.perf_counter()
     model, windows_np, label = load(args)
+    load_s = time.perf_counter() - started
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     layers = find_layers(model).layers
@@ -241,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu_note = " (CPU time of this process, all threads)" if device.type == "cpu" else ""
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    print(f"(a) plain HF forward, labels=, per mask : {t_plain:8.1f} s wall ({t_plain / len(masks):.3f} s/mask), "
+    print(f"(a) plain HF forward, labels=, per mask : {t_plain:8.1f} s wall ({len(masks) / t_plain:.2f} masks/s), "
           f"{c_plain:8.1f} s CPU")
-    print(f"(b) layershap oracle -> zarr store      : {t_fast:8.1f} s wall ({t_fast / len(masks):.3f} s/mask), "
+    print(f"(b) layershap oracle -> zarr store      : {t_fast:8.1f} s wall ({len(masks) / t_fast:.2f} masks/s), "
           f"{c_fast:8.1f} s CPU")
     print(f"ratio oracle / plain                     : {t_fast / t_plain:8.3f} wall, {c_fast / max(c_plain, 1e-9):.3f} "
           f"CPU time  (target <= 0.6)")
@@ -266,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"roofline fraction ({label}): oracle {roofline_seconds(kind, layer_flops) / t_b:.1%} of matmul speed "
               f"for the nominal FLOPs, {roofline_seconds(kind, layer_flops * share) / t_b:.1%} for the computed "
               f"FLOPs; plain path {roofline_seconds(kind, layer_flops) / t_a:.1%}  (target >= 50 %)")
+    nominal_rate = (layer_flops + heads) / t_fast
+    if args.peak_tflops:
+        peak = args.peak_tflops * 1e12
+        print(f"fraction of the {args.peak_tflops:g} TFLOP/s datasheet peak: oracle {nominal_rate / peak:.1%} "
+              f"nominal, {computed / t_fast / peak:.1%} computed; plain {(layer_flops + heads) / t_plain / peak:.1%}")
+    print_cost_model(float(per_layer.mean()), float(vocab * hidden), float(masks.mean()), nominal_rate, load_s,
+                     args.gpus, "GPU" if device.type == "cuda" else "CPU worker")
     return 0
 
 

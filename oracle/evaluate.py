@@ -165,6 +165,9 @@ class MaskedEvaluator:
         self.n_layers = find_layers(model).n_layers
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
+        # A model sharded by a device map may keep its head on another GPU than the embeddings (self.device).
+        head_weight = getattr(self.head, "weight", None)
+        self.head_device = head_weight.device if head_weight is not None else self.device
         config = _text_config(model)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
@@ -186,12 +189,14 @@ class MaskedEvaluator:
             yield self._ids[start : start + self.batch_size]
 
     def _loss_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        targets = ids[:, 1:].reshape(-1)
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.head_device)
+        targets = ids[:, 1:].reshape(-1).to(self.head_device)
         if self.linear_head:
-            return tiled_token_nll(self.head.weight, self.head.bias, flat, targets, self.softcap,
-                                   self.token_chunk, self.vocab_chunk).sum(dtype=torch.float64)
-        return token_nll_sum(self.head, flat, targets, self.softcap, self.token_chunk)
+            total = tiled_token_nll(self.head.weight, self.head.bias, flat, targets, self.softcap,
+                                    self.token_chunk, self.vocab_chunk).sum(dtype=torch.float64)
+        else:
+            total = token_nll_sum(self.head, flat, targets, self.softcap, self.token_chunk)
+        return total.to(self.device)
 
     def _nll_plain(self, arr: np.ndarray) -> torch.Tensor:
         totals = torch.zeros(len(arr), dtype=torch.float64, device=self.device)
@@ -234,10 +239,10 @@ class MaskedEvaluator:
     def _flush_head(self, pending: list[torch.Tensor], rows: list[int], ids: torch.Tensor,
                     totals: torch.Tensor) -> None:
         """Loss of the buffered final states of ``rows`` in one tiled head pass; empties the buffers."""
-        targets = ids[:, 1:].reshape(-1).repeat(len(pending))
-        token_nll = tiled_token_nll(self.head.weight, self.head.bias, torch.cat(pending), targets, self.softcap,
-                                    self.token_chunk, self.vocab_chunk)
-        sums = token_nll.view(len(pending), -1).sum(dim=1, dtype=torch.float64)
+        targets = ids[:, 1:].reshape(-1).repeat(len(pending)).to(self.head_device)
+        token_nll = tiled_token_nll(self.head.weight, self.head.bias, torch.cat(pending).to(self.head_device),
+                                    targets, self.softcap, self.token_chunk, self.vocab_chunk)
+        sums = token_nll.view(len(pending), -1).sum(dim=1, dtype=torch.float64).to(self.device)
         for j, row in enumerate(rows):  # device-side adds; a host->device index tensor would synchronise on CUDA
             totals[row] += sums[j]
         pending.clear()

@@ -48,6 +48,8 @@ FINGERPRINT_SAMPLES = 4096
 _HASH_BLOCK = 8 * 1024 * 1024
 _PARTIAL_PREFIX = ".partial-"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+# accelerate's placement strategies accepted by --device-map (shard one model over the GPUs a process sees).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -129,9 +131,34 @@ def _progress(message: str) -> None:
     print(f"layershap: {message}", file=sys.stderr, flush=True)
 
 
-def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str, device: torch.device) -> LoadedModel:
-    model = model.to(device).eval()
-    return LoadedModel(model, tokenizer, model_id=model_id, model_hash=model_hash, device=device)
+def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str, device: torch.device,
+            placement: dict | None = None) -> LoadedModel:
+    """Move the model to ``device``; a model placed by a device map stays put (its device: the embeddings')."""
+    if not placement:
+        model = model.to(device)
+    else:
+        spread = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+        offloaded = device.type == "cuda" and bool(spread & {"cpu", "disk"})
+        if offloaded or any(p.device.type == "meta" for p in model.parameters()):
+            raise LayershapError(
+                f"the device map could not fit {model_id!r} into the memory of the GPUs this process sees, so "
+                "accelerate offloaded weights to the CPU or disk; the oracle needs every weight on a GPU: give the "
+                "worker more GPUs or use a smaller dtype"
+            )
+        device = model.get_input_embeddings().weight.device
+    return LoadedModel(model.eval(), tokenizer, model_id=model_id, model_hash=model_hash, device=device)
+
+
+def _placement(device_map: str | None, device: torch.device) -> dict:
+    """``from_pretrained`` keyword arguments that place the model by ``device_map`` (none without one)."""
+    if device_map is None:
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise LayershapError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    require_package("accelerate", "pip install accelerate", "--device-map")
+    if device.type == "cpu" and torch.cuda.is_available():  # --device cpu on a GPU machine: keep off the GPUs
+        return {"device_map": {"": "cpu"}}
+    return {"device_map": device_map}
 
 
 # ----------------------------------------------------------------------------------------------- GGUF
@@ -251,22 +278,22 @@ def default_gguf() -> tuple[Path | None, str]:
     return Path(path), digest
 
 
-def _load_converted(folder: Path, dtype: torch.dtype):
+def _load_converted(folder: Path, dtype: torch.dtype, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
     return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------- directories and hub
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, local: bool):
+def _load_pretrained(source: str, dtype: torch.dtype, local: bool, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": True} if local else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -298,29 +325,36 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or spec.lower().endswith(".gguf")
 
 
-def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    spec: str, device: str = "auto", dtype: torch.dtype | None = None, device_map: str | None = None
+) -> LoadedModel:
     """Load a causal LM + tokenizer in eval mode on ``device`` (auto|cpu|cuda) in ``dtype``.
 
     ``spec``: ``"gemma-3-270m"`` (embedded default), a path to a ``.gguf`` file, a local model directory,
     or a Hugging Face hub id. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
     ``model_hash`` is the .gguf file's sha256 for the alias and .gguf files, else :func:`model_fingerprint`.
+    ``device_map`` (``auto``, ``balanced``, ...): accelerate shards the layers over every GPU this process
+    sees, for models larger than one GPU; ``LoadedModel.device`` is then the embeddings' device (where the
+    inputs go). With ``device="cpu"`` (or no GPU) the whole model stays on the CPU.
 
     Example:
         >>> lm = load_model("gemma-3-270m", device="cpu")
         >>> lm.model, lm.tokenizer, lm.model_hash
+        >>> load_model("./llama-70b", device_map="auto").model.hf_device_map   # layers spread over the GPUs
     """
     try:
         dev = resolve_device(device)
     except ValueError as err:
         raise LayershapError(str(err)) from err
     dtype = default_dtype(dev) if dtype is None else dtype
+    placement = _placement(device_map, dev)
     path = Path(spec).expanduser()
 
     if spec == DEFAULT_ALIAS:
         gguf_path, digest = default_gguf()
         folder = converted_gguf_dir(gguf_path, digest) if gguf_path else cache_dir() / "converted" / digest
-        model, tokenizer = _load_converted(folder, dtype)
-        return _finish(model, tokenizer, DEFAULT_ALIAS, digest, dev)
+        model, tokenizer = _load_converted(folder, dtype, placement)
+        return _finish(model, tokenizer, DEFAULT_ALIAS, digest, dev, placement)
 
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
@@ -328,8 +362,8 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None
         check_gguf_magic(path)
         _progress(f"hashing {path.name} ...")
         digest = file_sha256(path)
-        model, tokenizer = _load_converted(converted_gguf_dir(path.resolve(), digest), dtype)
-        return _finish(model, tokenizer, path.name, digest, dev)
+        model, tokenizer = _load_converted(converted_gguf_dir(path.resolve(), digest), dtype, placement)
+        return _finish(model, tokenizer, path.name, digest, dev, placement)
 
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -337,8 +371,8 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None
                 f"{spec!r} is a directory but holds no config.json, so it is not a saved Hugging Face model; "
                 "pass a directory written by save_pretrained, a .gguf file, or 'gemma-3-270m'"
             )
-        model, tokenizer = _load_pretrained(str(path), dtype, local=True)
-        return _finish(model, tokenizer, str(path.resolve()), model_fingerprint(model), dev)
+        model, tokenizer = _load_pretrained(str(path), dtype, local=True, placement=placement)
+        return _finish(model, tokenizer, str(path.resolve()), model_fingerprint(model), dev, placement)
 
     if path.exists() or _looks_like_path(spec):
         raise LayershapError(
@@ -348,7 +382,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None
         )
 
     try:
-        model, tokenizer = _load_pretrained(spec, dtype, local=False)
+        model, tokenizer = _load_pretrained(spec, dtype, local=False, placement=placement)
     except OSError as err:
         raise LayershapError(
             f"could not load model {spec!r}: it is not a local path, not in the local Hugging Face cache, "
@@ -356,4 +390,4 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype | None = None
             "Pass a local model directory (save_pretrained output), a .gguf file, or 'gemma-3-270m' "
             "(the embedded default)."
         ) from err
-    return _finish(model, tokenizer, spec, model_fingerprint(model), dev)
+    return _finish(model, tokenizer, spec, model_fingerprint(model), dev, placement)

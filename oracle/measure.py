@@ -56,6 +56,24 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
     }
 
 
+def trie_groups(masks: np.ndarray, masks_per_call: int = MASKS_PER_CALL) -> list[np.ndarray]:
+    """Distinct ``masks`` in kept-layer trie order, cut into consecutive groups of ``masks_per_call``.
+
+    The units of work of :func:`measure_in_groups` (and of the distributed oracle's workers): consecutive masks
+    in trie order (:func:`~layershap.oracle.prefix.trie_order`) share long kept-layer prefixes, which each group
+    computes once.
+
+    Example:
+        >>> [g.astype(int).tolist() for g in trie_groups(np.array([[0, 1], [1, 1], [0, 1]], bool), 1)]
+        [[[1, 1]], [[0, 1]]]
+    """
+    if masks_per_call < 1:
+        raise ValueError(f"masks_per_call must be >= 1, got {masks_per_call}")
+    todo = unique_rows(np.asarray(masks, dtype=bool))
+    todo = todo[trie_order(todo)]
+    return [todo[start : start + masks_per_call] for start in range(0, len(todo), masks_per_call)]
+
+
 def measure_in_groups(
     evaluator: MaskedEvaluator,
     masks: np.ndarray,
@@ -70,26 +88,33 @@ def measure_in_groups(
     After each group, ``on_group(group_masks, nll, seconds)`` gets the group's rows (``seconds``: each row's
     share of the group's wall-clock time), so callers commit results as they finish. Consecutive masks in trie
     order (:func:`~layershap.oracle.prefix.trie_order`) share long kept-layer prefixes, which each group
-    computes once. Returns the number of masks measured.
+    computes once. An evaluator with a ``run_groups(groups, on_group)`` method (a pool of workers,
+    :class:`~layershap.oracle.distributed.RayOracle`) gets all groups at once and finishes them in any order.
+    Returns the number of masks measured.
 
     Example:
         >>> measure_in_groups(evaluator, masks, lambda m, v, s: print(len(m)), progress=False)
     """
-    if masks_per_call < 1:
-        raise ValueError(f"masks_per_call must be >= 1, got {masks_per_call}")
-    todo = unique_rows(np.asarray(masks, dtype=bool))
-    if len(todo) == 0:
+    groups = trie_groups(masks, masks_per_call)
+    total = sum(len(group) for group in groups)
+    if total == 0:
         return 0
-    todo = todo[trie_order(todo)]
 
-    with tqdm(total=len(todo), unit="mask", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), masks_per_call):
-            group = todo[start : start + masks_per_call]
+    with tqdm(total=total, unit="mask", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+
+        def commit(group: np.ndarray, nll: np.ndarray, seconds: np.ndarray) -> None:
+            on_group(group, nll, seconds)
+            bar.update(len(group))
+
+        run_groups = getattr(evaluator, "run_groups", None)
+        if run_groups is not None:  # a worker pool (distributed.RayOracle): groups run in parallel, any order
+            run_groups(groups, commit)
+            return total
+        for group in groups:
             began = time.perf_counter()
             nll = evaluator.nll(group)
-            on_group(group, nll, np.full(len(group), (time.perf_counter() - began) / len(group)))
-            bar.update(len(group))
-    return len(todo)
+            commit(group, nll, np.full(len(group), (time.perf_counter() - began) / len(group)))
+    return total
 
 
 def measure_masks(
