@@ -95,7 +95,7 @@ def create_app(registry: Registry, limits: Limits, token: str | None = None, wor
 
     @app.post("/v1/surrogates/{entry_id}/predict")
     def predict(entry_id: str, req: PredictRequest) -> Response:
-        entry, sur = service.surrogate(entry_id)
+        _entry, sur = service.surrogate(entry_id)
         if len(req.masks) > limits.max_masks:
             raise LayershapError(f"{len(req.masks):,} masks in one request; this server takes at most "
                                  f"{limits.max_masks:,}: split them over several requests")

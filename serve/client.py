@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -35,7 +35,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         self._http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

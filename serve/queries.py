@@ -145,8 +145,8 @@ def interactions_document(sur: Surrogate, limits: Limits) -> dict:
     missing = uncovered_counts(Index("shapley"), sur.removed_counts, n)
     off = np.abs(matrix)
     i, j = np.unravel_index(int(np.argmax(off)), off.shape)
-    notes = ([f"the Shapley interaction index weights every removed-layer count, and the surrogate never saw "
-              f"{missing} layers removed in training"] if missing else [])
+    notes = ([(f"the Shapley interaction index weights every removed-layer count, and the surrogate never saw "
+              f"{missing} layers removed in training")] if missing else [])
     return {"model_id": sur.metadata.get("model_id"), "model_hash": sur.metadata.get("model_hash"), "n_layers": n,
             "interaction_index": "shapley_interaction", "utility": "-nll (nats)", "interactions": matrix,
             "strongest": {"layers": [int(i), int(j)], "value": float(matrix[i, j])}, "warnings": notes}
