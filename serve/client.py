@@ -12,12 +12,19 @@ Example:
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Self
 
 import httpx
 import numpy as np
 
 from .queries import Candidate, LayershapError, Scores, candidates_from_document, scores_from_dict
+
+
+def no_delay_transport() -> httpx.HTTPTransport:
+    """An httpx transport with TCP_NODELAY: a request's headers and body go out as separate writes, and without
+    it Nagle's algorithm holds the body back until the server's delayed ACK (~40 ms per request)."""
+    return httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 
 class ServiceError(LayershapError):
@@ -33,7 +40,8 @@ class Client:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 120.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        self._http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout,
+                                  transport=no_delay_transport())
 
     def __enter__(self) -> Self:
         return self

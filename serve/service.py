@@ -47,11 +47,16 @@ class Service:
         self.computed = 0  # expensive computations run (cache misses), for tests and health
 
     # ------------------------------------------------------------ surrogates
+    def loaded(self, entry_id: str) -> bool:
+        """True when the entry's surrogate is in memory and its files are unchanged (a cheap stat)."""
+        hit = self._loaded.get(entry_id)
+        return hit is not None and _stamp(hit[0]) == hit[1]
+
     def surrogate(self, entry_id: str) -> tuple[Entry, Surrogate]:
         """The entry and its surrogate, loaded once and reused while its files are unchanged."""
         check_name(entry_id)
-        hit = self._loaded.get(entry_id)
-        if hit is not None and _stamp(hit[0]) == hit[1]:
+        if self.loaded(entry_id):
+            hit = self._loaded[entry_id]
             return hit[2], hit[3]
         with self._load_lock:
             entry, sur = self.registry.load(entry_id)
