@@ -233,9 +233,12 @@ class Registry:
         return entry
 
     # ------------------------------------------------------------ writing
-    def add(self, surrogate_dir: str | Path, name: str | None = None, family: str | None = None) -> Entry:
+    def add(self, surrogate_dir: str | Path, name: str | None = None, family: str | None = None,
+            replace: bool = False) -> Entry:
         """Copy a trained surrogate folder into the registry as ``<family>/<name>`` (default name: the model id,
         ``/`` written as ``--``); atomic: a temporary folder is filled, fsynced and renamed into place.
+        ``replace=True`` swaps out an existing entry of that name and family (absent for the instant between the
+        two renames) instead of refusing.
         """
         src = Path(surrogate_dir)
         try:
@@ -249,7 +252,10 @@ class Registry:
         fam = family_of(meta, family)
         entry_id = check_name(name if name is not None else str(meta.get("model_id") or "").replace("/", "--"),
                               "entry id (give --name)")
-        if entry_id == BUILTIN_ID or (self.root.is_dir() and any(self.root.glob(f"*/{entry_id}"))):
+        taken = sorted(self.root.glob(f"*/{entry_id}")) if self.root.is_dir() else []
+        if replace and taken == [self.root / fam / entry_id]:
+            taken = []
+        if entry_id == BUILTIN_ID or taken:
             raise LayershapError(f"the registry already has an entry {entry_id!r}; choose another --name or "
                                  f"`layershap registry remove {entry_id}` first")
         names = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -276,10 +282,15 @@ class Registry:
             _fsync_dir(tmp)
             (self.root / fam).mkdir(exist_ok=True)
             final = self.root / fam / entry_id
-            if final.exists():
+            if final.exists() and not replace:
                 raise LayershapError(f"the registry already has an entry {entry_id!r}; choose another --name")
+            old = self.root / f"{TMP_PREFIX}remove-{uuid.uuid4().hex}"
+            if final.exists():
+                os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.root / fam)
+            if old.exists():
+                shutil.rmtree(old)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -294,3 +305,17 @@ class Registry:
         os.rename(entry.path, doomed)
         shutil.rmtree(doomed)
         return entry
+
+
+def register_trained(surrogate_dir: str | Path, family: str, registry: str | Path | None = None) -> Entry:
+    """Register a surrogate the main job just trained, as ``<model id>-<dataset hash[:12]>`` (replacing the
+    entry of an earlier run on the same data); ``family`` is the loaded model's ``config.model_type``.
+
+    Example:
+        >>> register_trained("runs/gemma-3-270m/surrogate", loaded.model.config.model_type)
+    """
+    meta = json.loads((Path(surrogate_dir) / METADATA_FILE).read_text())
+    model = re.sub(r"[^A-Za-z0-9._-]", "-", str(meta.get("model_id") or "model").replace("/", "--")).lstrip("._-")
+    suffix = str(meta.get("dataset_hash") or "run")[:12]
+    return Registry(registry_root(registry)).add(surrogate_dir, name=f"{model[:80] or 'model'}-{suffix}",
+                                                 family=family, replace=True)

@@ -14,7 +14,14 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, tiny_surrogate
 from layershap.oracle.errors import LayershapError
 from layershap.serve import registry as registry_mod
 from layershap.serve.cli_registry import registry_add, registry_list, registry_remove, registry_show
-from layershap.serve.registry import BUILTIN_ID, CorruptEntryError, Registry, UnknownEntryError, registry_root
+from layershap.serve.registry import (
+    BUILTIN_ID,
+    CorruptEntryError,
+    Registry,
+    UnknownEntryError,
+    register_trained,
+    registry_root,
+)
 from layershap.surrogate.checkpoint import load_surrogate
 
 
@@ -160,3 +167,20 @@ def test_corrupt_entries_are_reported_beside_good_ones(tmp_path, tiny):
     assert sur.n_layers == N_TINY
     reg.remove("truncated")  # a corrupt entry can be removed
     assert "truncated" not in {e.id for e in reg.entries()}
+
+
+def test_register_trained_names_by_data_and_replaces_an_earlier_run(tmp_path, tiny, monkeypatch):
+    meta_path = tiny / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(model_id="org/My Model", dataset_hash="abcdef0123456789")
+    del meta["model_type"]
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setenv("LAYERSHAP_REGISTRY", str(tmp_path / "reg"))
+    first = register_trained(tiny, "llama")
+    assert (first.id, first.family, first.status) == ("org--My-Model-abcdef012345", "llama", "ok")
+    again = register_trained(tiny, "llama")  # a rerun on the same data replaces the entry, never refuses
+    assert again.id == first.id and again.info["added"] >= first.info["added"]
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["llama"]  # no leftovers
+    assert [e.id for e in Registry(tmp_path / "reg").entries()] == [BUILTIN_ID, first.id]
+    with pytest.raises(LayershapError, match="already has an entry"):
+        Registry(tmp_path / "reg").add(tiny, name=first.id, family="llama")  # plain add still refuses

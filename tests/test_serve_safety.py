@@ -134,3 +134,38 @@ def test_non_loopback_needs_a_token(tmp_path):
         serve(registry=tmp_path, host="0.0.0.0", port=0, token_file=short)
     with pytest.raises(LayershapError, match="cannot read --token-file"):
         serve(registry=tmp_path, token_file=tmp_path / "absent")
+
+
+def test_accepted_connections_have_nagle_off():
+    """Keep-alive answers must not wait ~40 ms for a delayed ACK: asyncio sets TCP_NODELAY on the sockets it
+    accepts only when the listening socket's proto is IPPROTO_TCP, which `bind` ensures."""
+    import asyncio
+    import socket
+
+    from layershap.serve.cli_serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    flags = []
+
+    async def main() -> None:
+        def handle(reader, writer) -> None:
+            flags.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        for _ in range(100):
+            if flags:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    busy = bind("127.0.0.1", 0)
+    with pytest.raises(LayershapError, match="cannot bind"):
+        bind("127.0.0.1", busy.getsockname()[1])  # a port in use: refused with a message, not a traceback
+    busy.close()
+    asyncio.run(main())
+    assert flags == [1]
