@@ -196,8 +196,12 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if exc.status_code != 404 else f"no route {request.url.path}; see /docs for the API"
-        return _error(exc.status_code, str(detail))
+        detail = str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no route {request.url.path}; see /docs for the API"
+        elif exc.status_code == 400 and "parsing the body" in detail:  # FastAPI's words for e.g. RecursionError
+            detail = "the request body could not be read as JSON (nested too deeply?); send a flat JSON object"
+        return _error(exc.status_code, detail)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

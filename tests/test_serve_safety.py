@@ -48,6 +48,8 @@ BAD_REQUESTS = [
     # (method, path, raw body or json, status, words the message must contain)
     ("POST", f"/v1/surrogates/{TINY}/predict", b'{"masks": [[1, 0', 400, "not valid JSON"),
     ("POST", f"/v1/surrogates/{TINY}/predict", b"\xff\xfe garbage", 400, "not valid JSON"),
+    ("POST", f"/v1/surrogates/{TINY}/predict", b'{"masks": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     "nested too deeply"),
     ("POST", f"/v1/surrogates/{TINY}/predict", {"masks": [[1, 0, 1]]}, 400, "8 decoder layers"),
     ("POST", f"/v1/surrogates/{TINY}/predict", {"masks": [[1] * N_TINY, [1] * (N_TINY + 1)]}, 400, "mask 1 has 9"),
     ("POST", f"/v1/surrogates/{TINY}/predict", {"masks": [["yes?"] * N_TINY]}, 422, "masks.0.0"),
