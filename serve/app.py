@@ -46,7 +46,7 @@ from .queries import (
     scores_document,
     sparsities_document,
 )
-from .registry import CorruptEntryError, Registry, UnknownEntryError, _package_version
+from .registry import CorruptEntryError, Registry, UnknownEntryError, package_version
 from .schemas import IndexSpec, PredictRequest, RemovalSetsRequest, ScoresRequest, SparsitiesRequest
 from .service import Service
 
@@ -71,7 +71,7 @@ def index_of(sur, spec: IndexSpec) -> Index:
 def create_app(registry: Registry, limits: Limits, token: str | None = None, workers: int = 1) -> Guard:
     """The ASGI application: FastAPI routes behind the token / body-size :class:`Guard`."""
     service = Service(registry, limits, workers=workers)
-    app = FastAPI(title="layershap", version=_package_version(),
+    app = FastAPI(title="layershap", version=package_version(),
                   description="Layer importances, pruning plans and sparsity budgets from trained surrogates.")
     app.state.service = service
     _handlers(app)
@@ -79,7 +79,7 @@ def create_app(registry: Registry, limits: Limits, token: str | None = None, wor
     @app.get("/v1/health")
     def health() -> Response:
         entries = registry.entries()
-        return _json({"status": "ok", "version": _package_version(), "registry": str(registry.root),
+        return _json({"status": "ok", "version": package_version(), "registry": str(registry.root),
                       "entries": sum(e.status == "ok" for e in entries),
                       "corrupt": sum(e.status != "ok" for e in entries),
                       "cached_answers": service.cache_size(), "limits": limits.__dict__})

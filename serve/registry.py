@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+from .entry_info import KNOWN_FAMILIES, check_name, describe, family_of
 from .queries import METADATA_FILE, LayershapError, Surrogate, load_surrogate
 
 ENTRY_FILE = "entry.json"
 ENTRY_FORMAT = "layershap-registry-entry"
 SURROGATE_DIR = "surrogate"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 BUILTIN_ID = "gemma-3-270m"
-# model_type of models whose surrogate metadata predate a recorded model_type (the embedded default)
-KNOWN_FAMILIES = {"gemma-3-270m": "gemma3_text"}
 TMP_PREFIX = ".tmp-"
 
 
@@ -85,44 +83,9 @@ def registry_root(registry: str | Path | None = None) -> Path:
     return Path(cache).expanduser() / "layershap" / "registry"
 
 
-def check_name(name: str, what: str = "entry id") -> str:
-    """``name`` if it is a safe single path component (letters, digits, ``. _ -``; no slashes, no leading dot)."""
-    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
-        raise LayershapError(f"invalid {what} {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a "
-                             "letter or digit")
-    return name
-
-
 def builtin_dir() -> Path:
     """The committed Gemma-3-270M surrogate folder, installed as package data of ``layershap.artifacts``."""
     return Path(str(files("layershap.artifacts") / "gemma-3-270m" / "surrogate"))
-
-
-def family_of(meta: dict, family: str | None = None) -> str:
-    """Model family: ``model_type`` from the metadata (top level or ``dataset``), else ``family``, else the
-    known family of the embedded default's model id; otherwise ask for ``--family``.
-    """
-    found = meta.get("model_type") or (meta.get("dataset") or {}).get("model_type")
-    if family is not None and found is not None and family != found:
-        raise LayershapError(f"--family {family} contradicts the surrogate's model_type {found!r}; drop --family")
-    chosen = found or family or KNOWN_FAMILIES.get(str(meta.get("model_id")))
-    if chosen is None:
-        raise LayershapError(f"the surrogate's metadata record no model_type for {meta.get('model_id')!r}; give the "
-                             "model family (the config's model_type, e.g. --family llama)")
-    return check_name(chosen, "family")
-
-
-def describe(meta: dict) -> dict:
-    """What a registry listing shows of a surrogate's metadata: model, layers, text and windows, rows, metrics."""
-    data = meta.get("dataset") or {}
-    return {
-        "model_id": meta.get("model_id"), "model_hash": meta.get("model_hash"), "n_layers": meta.get("n_layers"),
-        "layer_types": data.get("layer_types"), "dataset_hash": meta.get("dataset_hash"),
-        "text": {k: data.get(k) for k in ("text_id", "n_windows", "seq_len", "windows_sha256", "dtype")},
-        "rows": (meta.get("split") or {}).get("rows"), "members": len(meta.get("member_files") or []),
-        "removed_counts": meta.get("removed_counts"), "metrics": meta.get("metrics"),
-        "created": meta.get("created"), "package_version": meta.get("package_version"),
-    }
 
 
 def _sha256(path: Path) -> str:
@@ -141,7 +104,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -273,7 +236,7 @@ class Registry:
             now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             doc = {"format": ENTRY_FORMAT, "format_version": 1, "id": entry_id, "family": fam,
                    "source": str(src.resolve()), "files": hashes,
-                   "info": describe(meta) | {"added": now, "added_by_version": _package_version()}}
+                   "info": describe(meta) | {"added": now, "added_by_version": package_version()}}
             with open(tmp / ENTRY_FILE, "w") as fh:
                 fh.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
                 fh.flush()

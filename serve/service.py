@@ -19,8 +19,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from .entry_info import check_name
 from .queries import Limits, Surrogate, dumps
-from .registry import ENTRY_FILE, Entry, Registry, check_name
+from .registry import ENTRY_FILE, Entry, Registry
 
 CACHE_ITEMS = 512
 
