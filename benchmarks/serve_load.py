@@ -151,7 +151,7 @@ def main() -> int:
     print(f"{'measure':<68} {'measured':>12} {'target':>10}  ok")
     rows = [
         ("startup to first answer (s)", startup, TARGETS["startup_s"]),
-        ("  of which `python -c 'import torch'` alone (s)", torch_s, None),
+        ("`python -c 'import torch'` alone, measured just before (s)", torch_s, None),
         (f"predict 1 mask x {predict['n']} req, {args.clients} clients: p50 (ms)", predict["p50"], None),
         (f"predict 1 mask x {predict['n']} req, {args.clients} clients: p99 (ms)", predict["p99"],
          TARGETS["predict_p99_ms"]),
