@@ -41,9 +41,12 @@ COMMANDS: dict[str, str] = {
     "evaluate": "perplexity of a model on held-out text",
     "compare": "layershap vs peer pruning methods on held-out text",
     "export": "per-layer sparsity ratios for Wanda/SparseGPT-style pruners",
+    "registry": "manage the registry of trained surrogates: add, list, show, remove",
+    "serve": "answer layer scores, predictions, plans and sparsities of registered surrogates over HTTP",
 }
 POSITIONALS: dict[str, tuple[str, ...]] = {
     "info": ("store",), "train": ("store",), "shapley": ("surrogate_dir",), "export": ("scores",),
+    "registry": ("action", "target"),
 }
 ALIASES: dict[str, dict[str, str]] = {"export": {"lambda": "lam"}}
 _INT_LIST = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*$")
@@ -176,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"layershap {command}: interrupted; rows already written are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

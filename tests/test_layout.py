@@ -15,7 +15,8 @@ ALLOWED = {  # folder -> the layershap folders its modules may import
     "surrogate": {"core", "oracle"},
     "pruning": {"core", "sampling", "oracle", "shapley", "surrogate"},
     "pipeline": {"core", "sampling", "oracle", "shapley", "surrogate", "pruning"},
-    "cli": {"core", "sampling", "oracle", "shapley", "surrogate", "pruning", "pipeline"},
+    "serve": {"core", "sampling", "oracle", "shapley", "surrogate", "pruning", "pipeline"},
+    "cli": {"core", "sampling", "oracle", "shapley", "surrogate", "pruning", "pipeline", "serve"},
 }
 
 
