@@ -26,7 +26,7 @@ def shapley(
     surrogate_dir: str,
     out: str = "scores.json",
     method: Literal["auto", "exact", "mc", "mc-permutation", "mc-stratified"] = "auto",
-    index: Literal["auto", "shapley", "semivalue", "banzhaf"] = "auto",
+    index: Literal["auto", "shapley", "semivalue", "banzhaf", "k"] = "auto",
     sizes: str | None = None,
     mc_evals: int = 500_000,
     interactions: bool = False,
@@ -40,9 +40,10 @@ def shapley(
         surrogate_dir: folder written by `layershap train`.
         out: scores JSON to write; the PNGs go next to it.
         method: exact enumeration, Monte Carlo, or auto (exact for n <= 22).
-        index: shapley, banzhaf, or the pruning-range semivalue over --sizes; auto = what the surrogate's
-            training data cover.
-        sizes: removed-layer counts A:B for the pruning-range semivalue (implies --index semivalue).
+        index: shapley, banzhaf, the pruning-range semivalue over --sizes, or k (the index for K = --sizes);
+            auto = what the surrogate's training data cover.
+        sizes: removed-layer counts A:B for the pruning-range semivalue (implies --index semivalue), or K for
+            --index k (the index for K: marginal contributions with K-1 other layers removed).
         mc_evals: value-function evaluations for Monte Carlo.
         interactions: also compute the pairwise Shapley interaction matrix (exact, n <= 24).
         seed: Monte Carlo seed.

@@ -209,5 +209,13 @@ class CachedOracle:
         self._sync()
         return np.array([self.cache[row.tobytes()] for row in arr], dtype=np.float64)
 
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every mask this oracle knows (stored, seeded or measured) with its nll: ``(bool[k, n], float64[k])``."""
+        self._sync()
+        if not self.cache:
+            return np.zeros((0, self.n_layers), dtype=bool), np.zeros(0, dtype=np.float64)
+        masks = np.frombuffer(b"".join(self.cache), dtype=bool).reshape(-1, self.n_layers)
+        return masks.copy(), np.fromiter(self.cache.values(), dtype=np.float64, count=len(self.cache))
+
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         return -self.nll(masks)

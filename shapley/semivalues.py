@@ -15,6 +15,10 @@ with one weight ``p_s`` per coalition size ``s = |S|`` (0 ≤ s ≤ n−1). ``S`
   ``p_s = 1/((B−A+1)·C(n−1, s))`` when ``n−s`` lies in ``[A, B]``, else 0. ``semivalue[1:n]`` is the Shapley
   value. It uses models with ``A−1 … B`` layers removed (``S ∪ {i}`` has ``r−1`` removed), which is what a
   surrogate must have seen in training for the score to be trustworthy (:func:`uncovered_counts`).
+* **Index for K** ``k[K]``: the pruning-range semivalue over exactly ``r = K``: each layer's marginal
+  contribution when it is the K-th layer removed, averaged uniformly over the sets of K−1 other removed layers
+  (uses models with K−1 and K layers removed). It answers "how much does layer i matter once K−1 others are
+  gone", the regime a K-layer depth pruning lives in; ``k[1]`` is leave-one-out.
 
 Which index to compute for a surrogate (:func:`choose_index`): a surrogate is trustworthy only on the
 removed-layer counts it was trained on. ``auto`` picks the pruning-range semivalue over ``1..R`` removed layers,
@@ -42,7 +46,7 @@ import numpy as np
 
 from layershap.core.errors import LayershapError
 
-INDEX_KINDS = ("shapley", "banzhaf", "semivalue")
+INDEX_KINDS = ("shapley", "banzhaf", "semivalue", "k")
 INDEX_CHOICES = ("auto", *INDEX_KINDS)  # what a user may ask for
 
 
@@ -101,18 +105,24 @@ class Index:
                 raise LayershapError(
                     f"removed-layer range {self.low}:{self.high} is invalid; need 1 <= A <= B (e.g. --sizes 1:6)"
                 )
+        elif self.kind == "k":
+            if self.low is None or self.low < 1 or self.high not in (None, self.low):
+                raise LayershapError("the index for K needs one removed-layer count K >= 1 (--index k --sizes K)")
+            object.__setattr__(self, "high", self.low)
         elif self.low is not None or self.high is not None:
             raise LayershapError(f"{self.kind} takes no removed-layer range; use --index semivalue --sizes A:B")
 
     @property
     def name(self) -> str:
         """``shapley``, ``banzhaf`` or ``semivalue[A:B]`` (the name written into score files)."""
+        if self.kind == "k":
+            return f"k[{self.low}]"
         return f"semivalue[{self.low}:{self.high}]" if self.kind == "semivalue" else self.kind
 
     def validate(self, n: int) -> None:
         """Raise :class:`LayershapError` if the index does not fit a game of ``n`` players."""
         _check_n(n)
-        if self.kind == "semivalue":
+        if self.kind in ("semivalue", "k"):
             _check_range(n, self.low, self.high)
 
     def weights(self, n: int) -> np.ndarray:
@@ -130,7 +140,7 @@ class Index:
     def removed_counts_used(self, n: int) -> list[int]:
         """Removed-layer counts of the masks this index evaluates with nonzero weight (0 = full model)."""
         self.validate(n)
-        if self.kind == "semivalue":
+        if self.kind in ("semivalue", "k"):
             return list(range(self.low - 1, self.high + 1))
         return list(range(n + 1))
 
@@ -140,6 +150,9 @@ class Index:
             return "Shapley value: marginal contributions averaged over all coalition sizes (efficient)"
         if self.kind == "banzhaf":
             return "Banzhaf value: marginal contributions averaged over all subsets of the other layers"
+        if self.kind == "k":
+            return (f"index for K = {self.low}: each layer's marginal contribution with {self.low - 1} other layers "
+                    f"already removed, averaged over those sets of {self.low - 1} (of {n} layers)")
         extra = " (equals the Shapley value)" if self.is_shapley(n) else ""
         return (
             f"pruning-range semivalue: marginal contributions averaged uniformly over {self.low}..{self.high} "
@@ -198,7 +211,14 @@ def choose_index(index: str, sizes: str | None, removed_counts: list[int] | None
         >>> choose_index("auto", None, [0, 1, 2, 3], 8).name
         'semivalue[1:3]'
     """
-    if sizes is not None:
+    if index == "k":
+        if sizes is None:
+            raise LayershapError("--index k needs the number of removed layers K: --index k --sizes K")
+        low, high = parse_sizes(sizes)
+        if low != high:
+            raise LayershapError(f"--index k takes one removed-layer count K (--sizes K), not a range {sizes!r}")
+        chosen = Index("k", low)
+    elif sizes is not None:
         if index not in ("auto", "semivalue"):
             raise LayershapError(f"--sizes sets the pruning-range semivalue; it cannot be combined with --index {index}")
         low, high = parse_sizes(sizes)

@@ -1,0 +1,94 @@
+"""A pairwise surrogate of the pruning regime: log(nll) as a constant, one term per removed layer and one term per
+removed pair, fitted in closed form by ridge regression.
+
+The plan search (:mod:`layershap.pruning.plan`) asks one question many times: which sets of K layers, removed
+together, hurt least? Near the full model the game is dominated by each layer's own cost and by the
+interactions between pairs of removed layers (removing 7 is harmless alone and fatal with 8), which this model
+has as explicit terms. It is fitted on the rows with at most ``max_removed`` layers removed, where plans live,
+so the catastrophic masks that dominate a mean-squared error over all rows cannot pull it away; the ridge
+penalty shrinks the pair terms the data do not support towards zero (towards the additive model). Fitting takes
+milliseconds, so the plan loop refits it after every round of oracle measurements. The MLP ensemble
+(:mod:`layershap.surrogate.train`) remains the surrogate of the whole game, for scores and the service.
+
+Example:
+    >>> model = PairwiseModel.fit(masks, nll, max_removed=6)
+    >>> model.predict_nll(masks_from_removed([[7, 8]], 18))        # predicted nll of removing layers 7 and 8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from layershap.core.errors import LayershapError
+from layershap.core.masks import check_masks
+
+DEFAULT_ALPHA = 1.0  # ridge penalty of the pair terms (log-nll units); the per-layer terms get ALPHA_LINEAR
+ALPHA_LINEAR = 1e-3
+
+
+def pair_features(masks: np.ndarray) -> np.ndarray:
+    """``[removed_i for i] + [removed_i * removed_j for i < j]`` as float64 ``[k, n + n(n-1)/2]``.
+
+    Example:
+        >>> pair_features(np.array([[False, False, True]])).tolist()
+        [[1.0, 1.0, 0.0, 1.0, 0.0, 0.0]]
+    """
+    r = (~np.asarray(masks, dtype=bool)).astype(np.float64)
+    i, j = np.triu_indices(r.shape[1], 1)
+    return np.concatenate([r, r[:, i] * r[:, j]], axis=1)
+
+
+@dataclass(frozen=True)
+class PairwiseModel:
+    """``log nll(mask) = intercept + sum_i w_i r_i + sum_{i<j} w_ij r_i r_j`` with ``r = removed``."""
+
+    n_layers: int
+    intercept: float
+    weights: np.ndarray
+    rows: int
+
+    @classmethod
+    def fit(cls, masks: np.ndarray, nll: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
+            max_removed: int | None = None) -> PairwiseModel:
+        """Ridge fit on the rows with at most ``max_removed`` layers removed (all rows when None).
+
+        The intercept is the full model's measured log(nll) when the rows hold it (the anchor every plan is
+        compared with), else the mean. Raises :class:`LayershapError` without rows in range.
+
+        Example:
+            >>> PairwiseModel.fit(masks, nll, max_removed=6).predict_nll(masks[:3])
+        """
+        masks = np.asarray(masks)
+        masks = check_masks(masks, masks.shape[-1])
+        nll = np.asarray(nll, dtype=np.float64).reshape(-1)
+        if len(nll) != len(masks):
+            raise LayershapError(f"{len(masks)} masks but {len(nll)} nll values")
+        if alpha <= 0:
+            raise LayershapError(f"the ridge penalty must be positive, got {alpha}")
+        if max_removed is not None:
+            keep = (~masks).sum(axis=1) <= max_removed
+            masks, nll = masks[keep], nll[keep]
+        if len(nll) == 0 or not (nll > 0).all() or not np.isfinite(nll).all():
+            raise LayershapError("the pairwise model needs finite, positive nll values of masks in its range")
+        n = masks.shape[1]
+        y = np.log(nll)
+        full = masks.all(axis=1)
+        intercept = float(y[full].mean()) if full.any() else float(y.mean())
+        x = pair_features(masks)
+        penalty = np.concatenate([np.full(n, ALPHA_LINEAR), np.full(x.shape[1] - n, alpha)])
+        weights = np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ (y - intercept))
+        return cls(n, intercept, weights, len(nll))
+
+    def predict_log_nll(self, masks: np.ndarray) -> np.ndarray:
+        """Predicted log(nll) per mask: ``float64[k]``."""
+        return self.intercept + pair_features(check_masks(masks, self.n_layers)) @ self.weights
+
+    def predict_nll(self, masks: np.ndarray) -> np.ndarray:
+        """Predicted nll (nats) per mask: ``float64[k]``."""
+        return np.exp(self.predict_log_nll(masks))
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        """Value function (higher = better): ``-predict_nll``."""
+        return -self.predict_nll(masks)
