@@ -32,12 +32,13 @@ from collections.abc import Callable
 from layershap.core.errors import LayershapError
 
 COMMANDS: dict[str, str] = {
-    "run": "main job: oracle on stratified masks -> surrogate -> layer scores -> pruning suggestions",
+    "run": "main job: oracle on stratified masks -> verified plans -> surrogate -> layer scores -> summary",
     "oracle": "measure log-perplexity of layer masks into a zarr store",
     "info": "describe a dataset store: attributes, rows, best and worst masks",
     "train": "train the MLP surrogate on a dataset store",
     "shapley": "layer Shapley values / semivalues from a trained surrogate",
-    "prune": "write a depth-pruned Hugging Face model",
+    "plan": "verified depth-pruning plans: the best K layers to remove, measured, chosen on validation windows",
+    "prune": "write a depth-pruned Hugging Face model (the verified plan, or --by-score)",
     "evaluate": "perplexity of a model on held-out text",
     "compare": "layershap vs peer pruning methods on held-out text",
     "export": "per-layer sparsity ratios for Wanda/SparseGPT-style pruners",

@@ -1,9 +1,12 @@
 """``layershap prune``: write a depth-pruned Hugging Face model (``save_pretrained`` + tokenizer).
 
-The layers to remove come from a scores JSON (the ``K`` least important by its ranking) or are named directly.
+The layers to remove: by default the verified plan for ``K`` (``plans.json`` of ``layershap run`` or
+``layershap plan``: measured, chosen on validation windows); with ``--by-score`` the ``K`` least important layers
+of a scores JSON (ignores how the removed layers interact: usually worse, see README); or named directly.
 
 Example:
-    $ layershap prune --model gemma-3-270m --scores runs/default/scores.json --remove 4 --out pruned-14/
+    $ layershap prune --model gemma-3-270m --plans runs/gemma-3-270m --remove 4 --out pruned-14/
+    $ layershap prune --model gemma-3-270m --scores runs/gemma-3-270m/scores.json --remove 4 --by-score --out p/
     $ layershap prune --model ./my-llama --layers 3,7,9 --out my-llama-pruned/
     $ layershap evaluate --model pruned-14/ --text heldout.txt
 """
@@ -20,8 +23,10 @@ from .options import Device, positive
 def prune(
     model: str,
     out: str,
-    scores: str | None = None,
     remove: int | None = None,
+    plans: str | None = None,
+    scores: str | None = None,
+    by_score: bool = False,
     layers: list[int] | None = None,
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     device: Device = "cpu",
@@ -31,8 +36,11 @@ def prune(
     Args:
         model: gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id.
         out: output directory for the pruned model (new or empty).
-        scores: scores JSON of this model (from `layershap shapley` or `layershap run`).
-        remove: K: remove the K least important layers of the scores' ranking.
+        remove: K: how many layers to remove (the verified plan for K, or with --by-score the K lowest scores).
+        plans: plans.json (or the folder holding it) of `layershap run` / `layershap plan` for this model;
+            default: the plans.json next to --scores.
+        scores: scores JSON of this model (from `layershap shapley` or `layershap run`), for --by-score.
+        by_score: remove the K least important layers of the scores' ranking instead of the verified plan.
         layers: remove exactly these 0-based layers instead, e.g. 3,7,9 (no scores needed).
         dtype: weights dtype of the saved model (default float32 on CPU, bfloat16 on CUDA).
         device: device to load the model on.
@@ -46,22 +54,45 @@ def prune(
     from layershap.oracle.prune import save_pruned_model
     from layershap.shapley.scores_io import read_scores
 
+    from pathlib import Path
+
+    from layershap.pipeline.plans import plan_for, read_plans
+
     positive("remove", remove)
     if layers is not None:
-        if scores is not None or remove is not None:
-            raise LayershapError("give either --layers, or --scores with --remove K, not both")
+        if scores is not None or remove is not None or plans is not None or by_score:
+            raise LayershapError("give either --layers, or --remove K (with --plans, or --scores and --by-score)")
         if not layers:
             raise LayershapError("--layers names no layer; give 0-based indices like --layers 3,7,9")
-    elif scores is None or remove is None:
-        raise LayershapError("say which layers to remove: --scores FILE --remove K, or --layers I,J,...")
-    record = read_scores(scores) if scores is not None else None  # a bad file fails before the model loads
+    elif remove is None:
+        raise LayershapError("say which layers to remove: --remove K with --plans PLANS (or --scores S "
+                             "--by-score), or --layers I,J,...")
+    elif by_score and scores is None:
+        raise LayershapError("--by-score needs the scores file: --scores runs/NAME/scores.json")
+    elif not by_score and plans is None:
+        if scores is None:
+            raise LayershapError("--remove K takes the verified plan from --plans runs/NAME (plans.json); or prune "
+                                 "by score with --scores FILE --by-score")
+        plans = str(Path(scores).parent)
+    # bad files fail before the model loads
+    record = read_scores(scores) if by_score else None
+    plan_doc = read_plans(plans) if plans is not None and not by_score else None
     loaded = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
     n = find_layers(loaded.model).n_layers
-    if record is None:
+    current = {"model_id": loaded.model_id, "model_hash": loaded.model_hash, "n_layers": n}
+    if layers is not None:
         removed, source = sorted(layers), {"selection": "layers given on the command line"}
+    elif plan_doc is not None:
+        check_same_model({k: plan_doc.get(k) for k in current}, current, what=str(plans),
+                         fix="use the plans of this model, or name the layers with --layers")
+        check_removal_count(remove, n)
+        removed = sorted(plan_for(plan_doc, remove))
+        chosen = next(p for p in plan_doc["plans"] if int(p["k"]) == remove)
+        source = {"selection": f"the verified plan for K = {remove} (calibration perplexity "
+                               f"{chosen['perplexity']:.4g}, validation {chosen['validation_perplexity']})",
+                  "plans_file": str(plans), "plan": chosen}
     else:
-        check_same_model(record.identity, {"model_id": loaded.model_id, "model_hash": loaded.model_hash,
-                                           "n_layers": n}, what=str(scores),
+        check_same_model(record.identity, current, what=str(scores),
                          fix="use the scores of this model (or the --dtype they were made with), or name the "
                              "layers with --layers")
         check_removal_count(remove, n)

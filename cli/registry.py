@@ -15,7 +15,7 @@ from typing import Literal
 
 
 def _registry(registry: Path | None):
-    from layershap.serve.registry import Registry, registry_root
+    from layershap.surrogate.registry import Registry, registry_root
 
     return Registry(registry_root(registry))
 

@@ -21,7 +21,7 @@ def run(
     model: str = "gemma-3-270m",
     text: str = "builtin",
     out: str | None = None,
-    n_masks: int = 160,
+    n_masks: int = 96,
     sampling: Literal["stratified", "stratified-all"] = "stratified",
     budget: int | None = None,
     windows: int = 4,
@@ -32,9 +32,12 @@ def run(
     cache_mb: int | None = None,
     members: int = 8,
     hidden: int = 64,
+    remove: list[int] | None = None,
+    plan_budget: int = 88,
+    register: bool = True,
     progress: bool = True,
 ) -> int:
-    """Main job: oracle on stratified masks -> surrogate -> layer scores -> pruning suggestions.
+    """Main job: oracle on stratified masks -> verified plans -> surrogate -> layer scores -> summary.
 
     Args:
         model: gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id.
@@ -53,6 +56,9 @@ def run(
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
         members: surrogate ensemble size.
         hidden: surrogate hidden units per layer.
+        remove: the K values to plan, e.g. 2,4,6 (default 1 .. 30 % of the layers).
+        plan_budget: oracle passes for plan candidates over the run's life (a rerun spends what is left).
+        register: add the trained surrogate to the registry (`layershap registry list`).
         progress: show progress bars.
     """
     from pathlib import Path
@@ -64,7 +70,11 @@ def run(
                         ("hidden", hidden)):
         positive(name, value)
     non_negative("seed", seed)
+    non_negative("plan_budget", plan_budget)
+    for k in remove or []:
+        positive("remove", k)
     run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
                  sampling=sampling, budget=budget, windows=windows, seq_len=seq_len, seed=seed, device=device,
-                 batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden, progress=progress)
+                 batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden, plan_budget=plan_budget,
+                 remove=remove, register=register, progress=progress)
     return 0

@@ -94,7 +94,7 @@ def serve(
 
     from layershap.serve.app import create_app
     from layershap.serve.queries import LayershapError, Limits
-    from layershap.serve.registry import Registry, registry_root
+    from layershap.surrogate.registry import Registry, registry_root
 
     token = read_token(token_file)
     if token is None and not is_loopback(host):

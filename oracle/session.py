@@ -22,9 +22,9 @@ from layershap.sampling.specs import check_mask_spec, parse_mask_spec
 
 from .evaluate import MaskedEvaluator
 from .loading import LoadedModel, load_model
-from .measure import dataset_identity
+from .measure import CachedOracle, dataset_identity
 from .store import DatasetStore
-from .text import load_text, make_windows
+from .text import load_text, make_windows, validation_windows
 
 
 @dataclass
@@ -93,3 +93,22 @@ def open_session(
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
                                 cache_mb=cache_mb)
     return OracleSession(loaded, store, evaluator, wanted)
+
+
+def open_validation(session: OracleSession, *, text: str, out: str | Path, windows: int, seq_len: int, seed: int,
+                    batch_size: int = 4, cache_mb: int | None = None, progress: bool = True) -> CachedOracle:
+    """An oracle on validation windows of the session's text, disjoint from its calibration windows
+    (:func:`~layershap.oracle.text.validation_windows`), backed by its own store at ``out`` (resumable).
+
+    Example:
+        >>> val = open_validation(session, text="builtin", out="runs/x/validation.zarr", windows=4, seq_len=128, seed=0)
+        >>> val.nll(masks)
+    """
+    loaded = session.loaded
+    calibration = load_text(text)
+    token_windows = validation_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
+    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len)
+    store = DatasetStore.create_or_open(Path(out), identity, token_windows)
+    evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
+                                cache_mb=cache_mb)
+    return CachedOracle(evaluator, store, label="validation windows", progress=progress)

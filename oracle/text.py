@@ -191,13 +191,57 @@ def make_windows(tokenizer, text: str, n_windows: int, seq_len: int, seed: int) 
             f"at most {stream.size // seq_len} windows of {seq_len} tokens are available: "
             "use fewer windows, shorter windows, or a longer text"
         )
-    slack = stream.size - needed
+    starts = window_starts(stream.size, n_windows, seq_len, seed)
+    return _with_bos(tokenizer, stream[starts[:, None] + np.arange(seq_len)[None, :]])
+
+
+def window_starts(n_tokens: int, n_windows: int, seq_len: int, seed: int) -> np.ndarray:
+    """Start positions of :func:`make_windows`' windows in a stream of ``n_tokens`` tokens (sorted).
+
+    Example:
+        >>> window_starts(1000, 2, 100, seed=0)       # doctest: +SKIP
+        array([ 87, 412])
+    """
+    slack = n_tokens - n_windows * seq_len
     # Choosing n distinct sorted values c_i from range(slack + n) and setting start_i = c_i - i + i * seq_len
     # is a bijection onto all non-overlapping placements, so each placement is equally likely.
     picks = np.sort(np.random.default_rng(seed).choice(slack + n_windows, size=n_windows, replace=False))
-    starts = picks - np.arange(n_windows) + np.arange(n_windows) * seq_len
-    windows = stream[starts[:, None] + np.arange(seq_len)[None, :]]
-    return _with_bos(tokenizer, windows)
+    return picks - np.arange(n_windows) + np.arange(n_windows) * seq_len
+
+
+def validation_windows(tokenizer, text: str, n_windows: int, seq_len: int, seed: int) -> np.ndarray:
+    """``n_windows`` windows of ``seq_len`` tokens that overlap neither each other nor the calibration windows
+    :func:`make_windows` draws with the same arguments, BOS prepended: windows for choosing among candidates
+    measured on the calibration windows without reusing a single calibration token.
+
+    Drawn one at a time, uniformly among the placements still free (``np.random.default_rng([seed, 1])``).
+
+    Example:
+        >>> validation_windows(tokenizer, load_text("builtin").text, 4, 128, seed=0).shape
+        (4, 129)
+    """
+    _check_sizes(n_windows, seq_len)
+    stream = tokenize_stream(tokenizer, text)
+    if stream.size < 2 * n_windows * seq_len:
+        raise LayershapError(
+            f"the text has {stream.size} tokens, too few for {n_windows} calibration and {n_windows} validation "
+            f"windows of {seq_len} tokens; use fewer or shorter windows or a longer text"
+        )
+    taken = list(window_starts(stream.size, n_windows, seq_len, seed))
+    free = np.ones(stream.size - seq_len + 1, dtype=bool)
+    rng = np.random.default_rng([seed, 1])
+    starts: list[int] = []
+    for _ in range(n_windows):
+        for s in taken[-1:] if starts else taken:  # block every placement overlapping a taken window
+            free[max(0, s - seq_len + 1) : s + seq_len] = False
+        options = np.flatnonzero(free)
+        if options.size == 0:
+            raise LayershapError(f"no room left for {n_windows} validation windows of {seq_len} tokens; use fewer "
+                                 "or shorter windows or a longer text")
+        starts.append(int(options[rng.integers(options.size)]))
+        taken.append(starts[-1])
+    starts_arr = np.sort(np.array(starts))
+    return _with_bos(tokenizer, stream[starts_arr[:, None] + np.arange(seq_len)[None, :]])
 
 
 def eval_windows(tokenizer, text: str, seq_len: int, n_windows: int | None = None) -> np.ndarray:

@@ -185,7 +185,7 @@ def find_plans(
     progress: bool = True,
 ) -> PlanResult:
     """The best removal set per K (module docstring). ``budget``: new oracle passes on the calibration windows at
-    most (stored rows are free); ``per_round``: model-ranked new sets per K per round (plus one neighbour);
+    most (stored rows are free; 0 = choose among the stored rows only); ``per_round``: model-ranked new sets per K per round (plus one neighbour);
     ``validation``: nll on validation windows, used to choose among the ``top_validate`` best measured sets.
 
     Example:
@@ -196,8 +196,9 @@ def find_plans(
     ks = sorted({check_removal_count(int(k), n) for k in ks})
     if not ks:
         raise LayershapError("give at least one number of layers to remove")
-    for name, value in (("budget", budget), ("per_round", per_round), ("patience", patience),
-                        ("top_validate", top_validate)):
+    if budget < 0:
+        raise LayershapError(f"the plan budget must be >= 0 oracle passes, got {budget}")
+    for name, value in (("per_round", per_round), ("patience", patience), ("top_validate", top_validate)):
         if value < 1:
             raise LayershapError(f"{name} must be >= 1, got {value}")
     rng = np.random.default_rng(seed)

@@ -46,7 +46,7 @@ from .queries import (
     scores_document,
     sparsities_document,
 )
-from .registry import CorruptEntryError, Registry, UnknownEntryError, package_version
+from layershap.surrogate.registry import CorruptEntryError, Registry, UnknownEntryError, package_version
 from .schemas import IndexSpec, PredictRequest, RemovalSetsRequest, ScoresRequest, SparsitiesRequest
 from .service import Service
 

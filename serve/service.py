@@ -19,9 +19,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from .entry_info import check_name
+from layershap.surrogate.registry_entry import check_name
 from .queries import Limits, Surrogate, dumps
-from .registry import ENTRY_FILE, Entry, Registry
+from layershap.surrogate.registry import ENTRY_FILE, Entry, Registry
 
 CACHE_ITEMS = 512
 

@@ -144,3 +144,9 @@ def loss_with_layers_deleted(model: torch.nn.Module | Path | str, ids, removed=(
     ids = torch.as_tensor(np.asarray(ids))
     with torch.no_grad():
         return float(m(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
+@pytest.fixture(autouse=True)
+def private_registry(tmp_path_factory, monkeypatch):
+    """Every test gets its own surrogate registry: nothing is written into the user's cache."""
+    monkeypatch.setenv("LAYERSHAP_REGISTRY", str(tmp_path_factory.mktemp("registry")))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layershap.core.errors import LayershapError, MissingPackageError
-from layershap.oracle.text import eval_windows, load_text, make_windows, windows_sha256
+from layershap.oracle.text import eval_windows, load_text, make_windows, validation_windows, windows_sha256
 
 
 class CountingTokenizer:
@@ -206,3 +206,24 @@ def test_windows_sha256_properties():
     changed = windows.copy()
     changed[3, 5] += 1
     assert windows_sha256(changed) != digest
+
+
+def test_validation_windows_avoid_calibration_and_each_other():
+    tok = CountingTokenizer()
+    text = counting_text(3000)
+    for seed in (0, 1, 2):
+        calib = make_windows(tok, text, 6, 50, seed=seed)
+        val = validation_windows(tok, text, 6, 50, seed=seed)
+        assert val.shape == calib.shape and (val[:, 0] == tok.bos_token_id).all()
+        # the counting stream's token ids are positions: every window is a consecutive run of positions
+        assert (np.diff(val[:, 1:], axis=1) == 1).all()
+        cal_tokens = set(calib[:, 1:].ravel().tolist())
+        val_tokens = val[:, 1:].ravel().tolist()
+        assert not cal_tokens & set(val_tokens)  # no calibration token reused
+        assert len(set(val_tokens)) == len(val_tokens)  # validation windows do not overlap each other
+        np.testing.assert_array_equal(val, validation_windows(tok, text, 6, 50, seed=seed))  # seeded
+
+
+def test_validation_windows_need_room():
+    with pytest.raises(LayershapError, match="too few"):
+        validation_windows(CountingTokenizer(), counting_text(500), 4, 100, seed=0)

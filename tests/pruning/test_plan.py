@@ -95,4 +95,6 @@ def test_bad_plan_requests_are_clear_errors():
     with pytest.raises(LayershapError, match="1 <= K"):
         find_plans(GameOracle(), [N], budget=10, progress=False)
     with pytest.raises(LayershapError, match="budget"):
+        find_plans(GameOracle(), [2], budget=-1, progress=False)
+    with pytest.raises(LayershapError, match="raise the budget"):  # nothing stored, nothing may be measured
         find_plans(GameOracle(), [2], budget=0, progress=False)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from serve_support import ARTIFACT_SURROGATE, N_TINY, Server, tiny_game, tiny_surrogate
 
-from layershap.serve.registry import Registry
+from layershap.surrogate.registry import Registry
 from layershap.surrogate.checkpoint import load_surrogate
 from layershap.pruning.sparsity import export_document
 from layershap.shapley.scores_io import ScoresRecord

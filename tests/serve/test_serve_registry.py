@@ -14,7 +14,7 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, tiny_surrogate
 from layershap.core.errors import LayershapError
 from layershap.serve import registry as registry_mod
 from layershap.cli.registry import registry_add, registry_list, registry_remove, registry_show
-from layershap.serve.registry import (
+from layershap.surrogate.registry import (
     BUILTIN_ID,
     CorruptEntryError,
     Registry,

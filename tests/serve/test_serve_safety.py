@@ -12,7 +12,7 @@ from layershap import Client
 from layershap.core.errors import LayershapError
 from layershap.cli.serve import is_loopback, serve
 from layershap.serve.client import ServiceError
-from layershap.serve.registry import Registry
+from layershap.surrogate.registry import Registry
 from layershap.surrogate.checkpoint import load_surrogate
 
 TINY = "tiny-synthetic"

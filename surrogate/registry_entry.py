@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .queries import LayershapError
+from layershap.core.errors import LayershapError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # model_type of models whose surrogate metadata predate a recorded model_type (the embedded default)

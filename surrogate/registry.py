@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from .entry_info import KNOWN_FAMILIES, check_name, describe, family_of
-from .queries import METADATA_FILE, LayershapError, Surrogate, load_surrogate
+from layershap.core.errors import LayershapError
+
+from .checkpoint import METADATA_FILE, Surrogate, load_surrogate
+from .registry_entry import KNOWN_FAMILIES, check_name, describe, family_of
 
 ENTRY_FILE = "entry.json"
 ENTRY_FORMAT = "layershap-registry-entry"
