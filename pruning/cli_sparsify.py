@@ -123,6 +123,7 @@ def _run(model, sparsity, out, allocation, scores, doc, lam, method, pattern, te
     from .sparsify import decoder_linears, owl_outlier_ratios, sparsify_layers
 
     loaded = load_model(model)
+    loaded_at = time.perf_counter()
     calib = load_text(text)
     calib_windows = make_windows(loaded.tokenizer, calib.text, windows, seq_len, seed)
     n_layers = len(decoder_linears(loaded.model))
@@ -134,6 +135,7 @@ def _run(model, sparsity, out, allocation, scores, doc, lam, method, pattern, te
         values = np.asarray(doc["scores"], dtype=np.float64)
     budgets = layer_budgets(allocation, n_layers, sparsity, lam, values)
     report = sparsify_layers(loaded.model, calib_windows, budgets, method, pattern, progress)
+    pruned_at = time.perf_counter()
 
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
@@ -162,7 +164,8 @@ def _run(model, sparsity, out, allocation, scores, doc, lam, method, pattern, te
           f"{report['mean_layer_sparsity']:.6f}, target {sparsity})")
     for i, (b, a) in enumerate(zip(budgets, achieved)):
         print(f"  layer {i:3d}  budget {b:.4f}  zeros {a:.4f}")
-    print(f"wrote {out} in {time.perf_counter() - started:.0f} s (reload with AutoModelForCausalLM.from_pretrained, "
-          f"or `layershap evaluate --model {out}`)")
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s (load {loaded_at - started:.0f} s, calibrate and "
+          f"prune {pruned_at - loaded_at:.0f} s, save {time.perf_counter() - pruned_at:.0f} s); reload it with "
+          f"AutoModelForCausalLM.from_pretrained or `layershap evaluate --model {out}`")
     return 0
 
