@@ -152,7 +152,8 @@ def _run(model, sparsity, out, allocation, scores, doc, lam, method, pattern, te
                         }.get(allocation),
         "source_scores": str(scores) if allocation == "scores" else None,
         "method": method, "pattern": pattern, "achieved_sparsities": achieved,
-        "pruned_weights": report["pruned"], "prunable_weights": report["weights"],
+        "pruned_weights": report["pruned"], "zero_weights": report["zeros"],
+        "prunable_weights": report["weights"],
         "calibration": {"text_id": calib.text_id, "windows": windows, "seq_len": seq_len, "seed": seed,
                         "windows_sha256": windows_sha256(calib_windows)},
     }
@@ -160,7 +161,7 @@ def _run(model, sparsity, out, allocation, scores, doc, lam, method, pattern, te
     write_formats(out, document, layer_prefix=LAYER_PATHS.get(model_type, "model.layers"), modifier="wanda",
                   pattern=pattern, sequential_target=type(find_layers(loaded.model).layers[0]).__name__)
     print(f"{allocation} allocation, {method}, {pattern}: {report['pruned']:,} of {report['weights']:,} decoder "
-          f"linear weights set to zero (sparsity {report['sparsity']:.6f}, mean of layers "
+          f"linear weights set to zero ({report['zeros']:,} zeros: sparsity {report['sparsity']:.6f}, mean of layers "
           f"{report['mean_layer_sparsity']:.6f}, target {sparsity})")
     for i, (b, a) in enumerate(zip(budgets, achieved)):
         print(f"  layer {i:3d}  budget {b:.4f}  zeros {a:.4f}")

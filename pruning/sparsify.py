@@ -128,7 +128,8 @@ def _prune_layer(layer: Linears, norms: dict, method: str, count: int | None, n_
             else:
                 pruned = select_n_of_m(metric, n_of_m[0], n_of_m[1])
             weight.masked_fill_(pruned.to(weight.device), 0.0)
-            records.append({"module": name, "weights": int(weight.numel()), "pruned": int(pruned.sum())})
+            records.append({"module": name, "weights": int(weight.numel()), "pruned": int(pruned.sum()),
+                            "zeros": int((weight == 0).sum())})
     return records
 
 
@@ -173,7 +174,8 @@ def sparsify_layers(
     def prune(i: int, norms: dict) -> None:
         spec = None if n_of_m is None else (counts[i], n_of_m[1])
         if spec is not None and spec[0] == 0:
-            records[i] = [{"module": n, "weights": int(m.weight.numel()), "pruned": 0} for n, m in linears[i]]
+            records[i] = [{"module": n, "weights": int(m.weight.numel()), "pruned": 0,
+                           "zeros": int((m.weight == 0).sum())} for n, m in linears[i]]
             return
         records[i] = _prune_layer(linears[i], norms, method, counts[i] if spec is None else None, spec)
 
@@ -227,14 +229,17 @@ def _sequential_pass(model: nn.Module, linears: list[Linears], windows: np.ndarr
 
 
 def _report(records: list[list[dict]], budgets: np.ndarray, counts: list[int], method: str, pattern: str) -> dict:
+    """Per layer and in all: weights, weights pruned, and zeros counted after pruning (``sparsity`` = zeros)."""
     layers = []
     for i, recs in enumerate(records):
         weights = sum(r["weights"] for r in recs)
-        pruned = sum(r["pruned"] for r in recs)
-        layers.append({"layer": i, "budget": float(budgets[i]), "weights": weights, "pruned": pruned,
-                       "sparsity": pruned / weights, "modules": recs})
+        zeros = sum(r["zeros"] for r in recs)
+        layers.append({"layer": i, "budget": float(budgets[i]), "weights": weights,
+                       "pruned": sum(r["pruned"] for r in recs), "zeros": zeros, "sparsity": zeros / weights,
+                       "modules": recs})
     total = sum(x["weights"] for x in layers)
-    pruned = sum(x["pruned"] for x in layers)
-    return {"method": method, "pattern": pattern, "weights": total, "pruned": pruned, "sparsity": pruned / total,
-            "mean_layer_sparsity": float(np.mean([x["sparsity"] for x in layers])),
-            "counts": counts, "layers": layers}
+    zeros = sum(x["zeros"] for x in layers)
+    return {"method": method, "pattern": pattern, "weights": total, "pruned": sum(x["pruned"] for x in layers),
+            "zeros": zeros, "sparsity": zeros / total,
+            "mean_layer_sparsity": float(np.mean([x["sparsity"] for x in layers])), "counts": counts,
+            "layers": layers}
