@@ -1,0 +1,1 @@
+"""Unstructured and N:M sparsification of decoder-layer weights with per-layer budgets (Wanda, magnitude, OWL)."""
