@@ -10,8 +10,8 @@ calibration (consecutive non-overlapping windows, BOS per window, ``evaluate_per
 
 Allocations: ``uniform``; ``owl`` (outlier ratios of the dense model's calibration activations, m = 5); and one
 ``scores`` allocation per score source: a scores JSON (``label=path.json``) or an index computed here from the
-surrogate (``shapley``, ``banzhaf``, ``semivalue[A:B]``). Every non-uniform allocation uses the same bounded
-linear mapping with ``lambda``. Rows, in the order measured: 70 % unstructured, the lambda sweep at 70 %, 2:4
+surrogate (``shapley``, ``banzhaf``, ``semivalue[A:B]``, ``k[K]``). Every non-uniform allocation uses the same
+bounded linear mapping with ``lambda``. Rows, in the order measured: 70 % unstructured, the lambda sweep at 70 %, 2:4
 (mixed n:4 per layer for non-uniform budgets; identical to uniform when lambda rounds away), then 60 and 50 %.
 A configuration whose per-layer pruning counts equal one already measured is not pruned again; Ctrl-C prints the
 tables of the rows finished so far. Cells: perplexity and, in brackets, the ratio to uniform (< 1 = better).
@@ -63,19 +63,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def score_sources(specs: list[str], surrogate_dir: str, n_layers: int) -> dict[str, np.ndarray]:
-    """label -> per-layer scores, read from a JSON file or computed from the surrogate for an index name."""
+    """label -> per-layer scores, read from a JSON file or computed from the surrogate for an index name
+    (``shapley``, ``banzhaf``, ``semivalue[A:B]``, ``k[K]``)."""
+    import re
+
+    from layershap.shapley.estimate import ensemble_scores
+    from layershap.shapley.scores_io import read_scores
+    from layershap.shapley.semivalues import choose_index
     from layershap.surrogate.checkpoint import load_surrogate
-    from layershap.surrogate.scores_io import read_scores
-    from layershap.surrogate.shapley import ensemble_scores, parse_index
 
     out, surrogate = {}, None
     for spec in specs:
         label, sep, path = spec.partition("=")
         if sep:
-            values = np.asarray(read_scores(path)["scores"], dtype=np.float64)
+            values = read_scores(path).scores.values
         else:
+            name = re.fullmatch(r"\s*(\w+)\s*(?:\[([\d:\s]+)\])?\s*", label)
+            if name is None:
+                raise SystemExit(f"{spec}: not LABEL=path.json nor shapley, banzhaf, semivalue[A:B] or k[K]")
             surrogate = surrogate or load_surrogate(surrogate_dir)
-            values = ensemble_scores(surrogate, parse_index(label), method="exact", progress=False).values
+            index = choose_index(name.group(1), name.group(2), surrogate.metadata.get("removed_counts"), n_layers)
+            values = ensemble_scores(surrogate, index, method="exact", progress=False).values
         if values.size != n_layers:
             raise SystemExit(f"{spec}: {values.size} scores for {n_layers} layers")
         out[label] = values
@@ -83,7 +91,7 @@ def score_sources(specs: list[str], surrogate_dir: str, n_layers: int) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from layershap.oracle.cli_evaluate import evaluate_perplexity
+    from layershap.oracle.heldout import evaluate_perplexity
     from layershap.oracle.loading import load_model
     from layershap.oracle.text import load_text, make_windows
     from layershap.pruning.allocation import layer_budgets

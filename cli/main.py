@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "perplexity of a model on held-out text",
     "compare": "layershap vs peer pruning methods on held-out text",
     "export": "per-layer sparsity ratios for Wanda/SparseGPT-style pruners",
+    "sparsify": "prune every decoder layer's linear weights (Wanda/magnitude) to per-layer budgets; save the model",
     "registry": "manage the registry of trained surrogates: add, list, show, remove",
     "serve": "answer layer scores, predictions, plans and sparsities of registered surrogates over HTTP",
 }
@@ -49,7 +50,7 @@ POSITIONALS: dict[str, tuple[str, ...]] = {
     "info": ("store",), "train": ("store",), "shapley": ("surrogate_dir",), "export": ("scores",),
     "registry": ("action", "target"),
 }
-ALIASES: dict[str, dict[str, str]] = {"export": {"lambda": "lam"}}
+ALIASES: dict[str, dict[str, str]] = {"export": {"lambda": "lam"}, "sparsify": {"lambda": "lam"}}
 _INT_LIST = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*$")
 
 

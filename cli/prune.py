@@ -45,6 +45,8 @@ def prune(
         dtype: weights dtype of the saved model (default float32 on CPU, bfloat16 on CUDA).
         device: device to load the model on.
     """
+    from pathlib import Path
+
     import torch
 
     from layershap.core.masks import check_removal_count, masks_from_removed
@@ -52,11 +54,8 @@ def prune(
     from layershap.oracle.layers import find_layers
     from layershap.oracle.loading import load_model
     from layershap.oracle.prune import save_pruned_model
-    from layershap.shapley.scores_io import read_scores
-
-    from pathlib import Path
-
     from layershap.pipeline.plans import plan_for, read_plans
+    from layershap.shapley.scores_io import read_scores
 
     positive("remove", remove)
     if layers is not None:

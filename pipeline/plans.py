@@ -29,13 +29,15 @@ DEFAULT_PLAN_BUDGET = 88  # new oracle passes: with 96 stratified masks and 3 va
 
 
 def default_ks(n_layers: int) -> list[int]:
-    """K = 1 .. the K of a 30 % depth reduction (at least 1), e.g. 1..5 for 18 layers.
+    """The K of each depth reduction (10, 20, 30 % of the layers) and every K from 1 up to min(5, the 30 % K).
 
     Example:
         >>> default_ks(18), default_ks(32)
-        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 10])
     """
-    return list(range(1, max(1, round(max(DEPTH_REDUCTIONS) * n_layers)) + 1))
+    depth = {max(1, round(f * n_layers)) for f in DEPTH_REDUCTIONS}
+    ks = set(range(1, min(5, max(depth)) + 1)) | depth
+    return sorted(k for k in ks if k < n_layers)
 
 
 def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | None = None,

@@ -7,7 +7,7 @@
 * ``scores``: layer scores (Shapley value, semivalue, ...) from a layershap scores JSON; more important
   layers are pruned less.
 
-Both non-uniform kinds use the same bounded linear mapping (:func:`layershap.surrogate.sparsity.owl_sparsities`):
+Both non-uniform kinds use the same bounded linear mapping (:func:`layershap.pruning.sparsity.owl_sparsities`):
 values onto ``[target - lam, target + lam]``, highest value -> lowest sparsity, shifted so the mean is the
 target. ``lam`` must keep every layer inside ``[0, 1)``.
 
@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from layershap.oracle.errors import LayershapError
-from layershap.surrogate.sparsity import owl_sparsities
+from layershap.core.errors import LayershapError
+
+from .sparsity import owl_sparsities
 
 ALLOCATIONS = ("uniform", "owl", "scores")
 OWL_M = 5.0

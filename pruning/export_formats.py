@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from layershap.oracle.errors import LayershapError
+from layershap.core.errors import LayershapError
 
 FORMATS = ("json", "llmcompressor", "list")
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}

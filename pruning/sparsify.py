@@ -13,20 +13,30 @@ Example:
     >>> budgets = layer_budgets("owl", len(ratios), 0.7, 0.08, ratios)
     >>> report = sparsify_layers(model, windows, budgets, method="wanda", pattern="unstructured")
     >>> report["sparsity"]                                                # counted zeros / weights
+    >>> sparsify_model("gemma-3-270m", "sparse/", sparsity=0.7, allocation="owl").report["sparsity"]
+
+:func:`sparsify_model` is the whole of ``layershap sparsify`` as a library call: check the request, load,
+calibrate, allocate, prune, save the model and the budgets in every export format. Over 300 lines: the layer
+pass and its model-level entry stay together, so one module holds the whole of sparsify.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from layershap.oracle.errors import LayershapError, UnsupportedModelError
-from layershap.oracle.layers import find_layers
+from layershap.core.errors import LayershapError, UnsupportedModelError
+from layershap.oracle.layers import LAYER_PATHS, find_layers
+from layershap.shapley.scores_io import ScoresRecord
 
-from .allocation import OWL_M, group_counts, outlier_ratio, zero_counts
+from .allocation import OWL_M, check_budget, group_counts, layer_budgets, outlier_ratio, zero_counts
+from .export_formats import FILE_NAMES, write_formats
 from .wanda import (
     METHODS,
     apportion,
@@ -243,3 +253,124 @@ def _report(records: list[list[dict]], budgets: np.ndarray, counts: list[int], m
             "zeros": zeros, "sparsity": zeros / total,
             "mean_layer_sparsity": float(np.mean([x["sparsity"] for x in layers])), "counts": counts,
             "layers": layers}
+
+
+def check_pattern_target(pattern: str, sparsity: float) -> None:
+    """An ``N:M`` pattern fixes the mean sparsity at ``N / M`` (N pruned of every M); any other target is an error."""
+    n_of_m = parse_pattern(pattern)
+    if n_of_m is not None and abs(n_of_m[0] / n_of_m[1] - sparsity) > 1e-9:
+        raise LayershapError(
+            f"--pattern {pattern} prunes {n_of_m[0]} of every {n_of_m[1]} weights, a sparsity of "
+            f"{n_of_m[0] / n_of_m[1]:g}, but --sparsity is {sparsity}; pass --sparsity {n_of_m[0] / n_of_m[1]:g}"
+        )
+
+
+def check_out_dir(out: str | Path) -> None:
+    """Refuse a file, or a non-empty directory that is not an earlier sparsify output (nothing is overwritten)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LayershapError(f"--out {out} exists and is not a directory; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / FILE_NAMES["json"]).exists():
+        raise LayershapError(
+            f"--out {out} is a non-empty directory that is not a layershap sparsified model; "
+            "choose an empty or new directory so nothing there is overwritten"
+        )
+
+
+def check_request(sparsity: float, lam: float, allocation: str, method: str, pattern: str, out: str | Path) -> None:
+    """Refuse, before any model loads, a target, lambda, allocation, method, pattern or output folder that cannot work."""
+    check_budget(sparsity, lam, allocation)
+    if method not in METHODS:
+        raise LayershapError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    check_pattern_target(pattern, sparsity)
+    check_out_dir(out)
+
+
+@dataclass
+class Sparsified:
+    """What :func:`sparsify_model` did: the document written (``layershap_sparsity.json``), the counted
+    report of :func:`sparsify_layers`, and seconds spent loading, calibrating and pruning, and saving."""
+
+    document: dict
+    report: dict
+    seconds: dict[str, float]
+
+
+def sparsify_model(
+    model: str,
+    out: str | Path,
+    *,
+    sparsity: float,
+    allocation: str = "uniform",
+    scores: ScoresRecord | None = None,
+    scores_source: str | None = None,
+    lam: float = 0.08,
+    method: str = "wanda",
+    pattern: str = "unstructured",
+    text: str = "builtin",
+    windows: int = 4,
+    seq_len: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> Sparsified:
+    """Prune ``model``'s decoder-layer linear weights to per-layer budgets and save it with its budgets to ``out``.
+
+    ``out`` receives a model ``from_pretrained`` reloads, ``layershap_sparsity.json``, ``sparsity_recipe.yaml``
+    (llm-compressor) and ``sparsities.txt``. ``scores`` (with ``scores_source``, its file) are needed for
+    ``allocation="scores"`` and must belong to this model. The calibration windows are the oracle's for the
+    same ``text``, ``windows``, ``seq_len`` and ``seed``.
+
+    Example:
+        >>> done = sparsify_model("gemma-3-270m", "sparse/", sparsity=0.6, allocation="scores",
+        ...                       scores=read_scores("scores.json"), scores_source="scores.json")
+        >>> done.report["zeros"], done.document["sparsities"][:3]
+    """
+    from layershap.oracle.identity import check_same_model
+    from layershap.oracle.loading import load_model
+    from layershap.oracle.text import load_text, make_windows, windows_sha256
+
+    started = time.perf_counter()
+    check_request(sparsity, lam, allocation, method, pattern, out)
+    if allocation == "scores" and scores is None:
+        raise LayershapError("--allocation scores needs layer scores: pass --scores S.json (from `layershap shapley`)")
+    out = Path(out)
+    loaded = load_model(model)
+    loaded_at = time.perf_counter()
+    calib = load_text(text)
+    calib_windows = make_windows(loaded.tokenizer, calib.text, windows, seq_len, seed)
+    n_layers = len(decoder_linears(loaded.model))
+    values = None
+    if allocation == "owl":
+        values = owl_outlier_ratios(loaded.model, calib_windows)
+    elif allocation == "scores":
+        check_same_model(scores.identity, {"model_id": loaded.model_id, "model_hash": loaded.model_hash,
+                                           "n_layers": n_layers},
+                         what=scores_source or "the scores", fix="use the scores of this model, or --allocation owl")
+        values = scores.scores.values
+    budgets = layer_budgets(allocation, n_layers, sparsity, lam, values)
+    report = sparsify_layers(loaded.model, calib_windows, budgets, method, pattern, progress)
+    pruned_at = time.perf_counter()
+
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    document = {
+        "format": "layershap-sparsity", "format_version": 1,
+        "model_id": loaded.model_id, "model_hash": loaded.model_hash, "n_layers": n_layers,
+        "layers": list(range(n_layers)), "sparsities": [float(b) for b in budgets], "target": sparsity,
+        "lambda": lam if allocation != "uniform" else 0.0, "mean": float(np.mean(budgets)),
+        "allocation": allocation,
+        "values": None if values is None else [float(v) for v in values],
+        "values_kind": {"owl": f"OWL outlier ratio (m = {OWL_M:g})",
+                        "scores": f"layer scores ({scores.scores.index if scores else None})"}.get(allocation),
+        "source_scores": scores_source if allocation == "scores" else None,
+        "method": method, "pattern": pattern, "achieved_sparsities": [layer["sparsity"] for layer in report["layers"]],
+        "pruned_weights": report["pruned"], "zero_weights": report["zeros"], "prunable_weights": report["weights"],
+        "calibration": {"text_id": calib.text_id, "windows": windows, "seq_len": seq_len, "seed": seed,
+                        "windows_sha256": windows_sha256(calib_windows)},
+    }
+    model_type = getattr(loaded.model.config, "model_type", "")
+    write_formats(out, document, layer_prefix=LAYER_PATHS.get(model_type, "model.layers"), modifier="wanda",
+                  pattern=pattern, sequential_target=type(find_layers(loaded.model).layers[0]).__name__)
+    seconds = {"load": loaded_at - started, "prune": pruned_at - loaded_at, "save": time.perf_counter() - pruned_at}
+    return Sparsified(document, report, seconds)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from layershap.oracle.errors import LayershapError
+from layershap.core.errors import LayershapError
 
 METHODS = ("wanda", "magnitude")
 

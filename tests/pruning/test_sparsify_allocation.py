@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_model
 from torch import nn
 
-from layershap.oracle.errors import LayershapError
+from layershap.core.errors import LayershapError
 from layershap.oracle.layers import find_layers
 from layershap.pruning.allocation import check_budget, group_counts, layer_budgets, outlier_ratio, zero_counts
 from layershap.pruning.sparsify import owl_outlier_ratios

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from layershap.oracle.errors import LayershapError
-from layershap.pruning.cli_export_sparsity import export
+from layershap.cli.export import export
+from layershap.cli.main import main
+from layershap.core.errors import LayershapError
 from layershap.pruning.export_formats import recipe_document
-from layershap.surrogate.scores_io import FORMAT
+from layershap.shapley.scores_io import FORMAT
 
 SCORES = [0.1, 0.5, 0.3]  # mapped onto [0.62, 0.78]: [0.78, 0.62, 0.70], mean 0.7
 
@@ -40,7 +41,7 @@ def test_recipe_structure_for_sparsegpt_and_opt_paths():
 @pytest.mark.parametrize("fmt", ["json", "llmcompressor", "list"])
 def test_every_format_holds_the_same_sparsities(fmt, scores_file, tmp_path, capsys):
     out = tmp_path / f"out.{fmt}"
-    assert export(scores_file, sparsity=0.7, lambda_=0.08, format=fmt, out=out) == 0
+    assert export(str(scores_file), sparsity=0.7, lam=0.08, format=fmt, out=str(out)) == 0
     text = out.read_text()
     if fmt == "json":
         values = json.loads(text)["sparsities"]
@@ -55,6 +56,14 @@ def test_every_format_holds_the_same_sparsities(fmt, scores_file, tmp_path, caps
 
 def test_export_refuses_bad_format_and_budget(scores_file, tmp_path):
     with pytest.raises(LayershapError, match="--format"):
-        export(scores_file, sparsity=0.7, format="csv")
+        export(str(scores_file), sparsity=0.7, format="csv")
     with pytest.raises(LayershapError, match="too large"):
-        export(scores_file, sparsity=0.9, lambda_=0.2)
+        export(str(scores_file), sparsity=0.9, lam=0.2)
+
+
+def test_dispatcher_writes_the_format_beside_the_scores(scores_file, capsys):
+    assert main(["export", str(scores_file), "--sparsity", "0.7", "--lambda", "0.08", "--format", "list"]) == 0
+    listed = [float(x) for x in (scores_file.parent / "scores.sparsity-0.7.txt").read_text().split()]
+    np.testing.assert_allclose(listed, [0.78, 0.62, 0.70], atol=1e-6)
+    assert main(["export", str(scores_file), "--sparsity", "0.7", "--format", "csv"]) == 2
+    assert capsys.readouterr().err.startswith("layershap export: error: --format")

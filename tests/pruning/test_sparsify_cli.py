@@ -12,13 +12,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from layershap.oracle.errors import LayershapError
+from layershap.cli.main import main
+from layershap.cli.sparsify import sparsify
+from layershap.core.errors import LayershapError
 from layershap.oracle.loading import load_model
 from layershap.oracle.text import load_text, make_windows
 from layershap.pruning.allocation import layer_budgets
-from layershap.pruning.cli_sparsify import sparsify
 from layershap.pruning.sparsify import decoder_linears, owl_outlier_ratios, sparsify_layers
-from layershap.surrogate.scores_io import FORMAT
+from layershap.shapley.scores_io import FORMAT
 
 CALIB = {"windows": 2, "seq_len": 32, "seed": 3}
 
@@ -35,8 +36,8 @@ def _scores_file(path, n_layers: int, values) -> str:
 def test_saved_model_reloads_and_matches_in_memory_pruning(allocation, tiny_model_dir, tmp_path, one_thread):
     scores = _scores_file(tmp_path / "scores.json", 4, [0.5, 2.0, -0.3, 1.1])
     out = tmp_path / "sparse"
-    assert sparsify(model=str(tiny_model_dir), sparsity=0.6, out=out, allocation=allocation, scores=scores,
-                    lambda_=0.1, progress=False, **CALIB) == 0
+    assert sparsify(model=str(tiny_model_dir), sparsity=0.6, out=str(out), allocation=allocation,
+                    scores=str(scores), lam=0.1, progress=False, **CALIB) == 0
 
     # the same pruning done here, in memory, on a fresh load
     lm = load_model(str(tiny_model_dir), device="cpu")
@@ -67,7 +68,7 @@ def test_saved_model_reloads_and_matches_in_memory_pruning(allocation, tiny_mode
 
 def test_recipe_names_real_decoder_layers(tiny_model_dir, tmp_path, one_thread):
     out = tmp_path / "uniform"
-    sparsify(model=str(tiny_model_dir), sparsity=0.5, out=out, allocation="uniform", pattern="2:4",
+    sparsify(model=str(tiny_model_dir), sparsity=0.5, out=str(out), allocation="uniform", pattern="2:4",
              progress=False, **CALIB)
     recipe = yaml.safe_load((out / "sparsity_recipe.yaml").read_text())
     (stage,) = recipe.values()
@@ -88,7 +89,7 @@ def test_recipe_names_real_decoder_layers(tiny_model_dir, tmp_path, one_thread):
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"sparsity": 1.0}, "[0, 1)"),
     ({"sparsity": -0.2}, "[0, 1)"),
-    ({"sparsity": 0.7, "lambda_": 0.35}, "too large"),
+    ({"sparsity": 0.7, "lam": 0.35}, "too large"),
     ({"sparsity": 0.6, "pattern": "2:4", "allocation": "uniform"}, "--sparsity 0.5"),
     ({"sparsity": 0.5, "pattern": "4:2", "allocation": "uniform"}, "not understood"),
     ({"sparsity": 0.5, "method": "sparsegpt", "allocation": "uniform"}, "--method"),
@@ -98,7 +99,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(kwargs, fragment, tiny_mo
     monkeypatch.chdir(tmp_path)  # no runs/<model>/scores.json here
     out = tmp_path / "never"
     with pytest.raises(LayershapError) as info:
-        sparsify(model=str(tiny_model_dir), out=out, progress=False, **kwargs)
+        sparsify(model=str(tiny_model_dir), out=str(out), progress=False, **kwargs)
     assert fragment in str(info.value)
     assert not out.exists()
 
@@ -106,7 +107,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(kwargs, fragment, tiny_mo
 def test_scores_of_another_model_are_refused(tiny_model_dir, tmp_path, one_thread):
     scores = _scores_file(tmp_path / "s.json", 5, [0.1, 0.2, 0.3, 0.4, 0.5])
     with pytest.raises(LayershapError, match="5-layer model"):
-        sparsify(model=str(tiny_model_dir), sparsity=0.5, out=tmp_path / "o", scores=scores, progress=False,
+        sparsify(model=str(tiny_model_dir), sparsity=0.5, out=str(tmp_path / "o"), scores=str(scores), progress=False,
                  **CALIB)
 
 
@@ -115,5 +116,25 @@ def test_a_foreign_non_empty_out_dir_is_refused(tiny_model_dir, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(LayershapError, match="non-empty"):
-        sparsify(model=str(tiny_model_dir), sparsity=0.5, out=out, allocation="uniform", progress=False)
+        sparsify(model=str(tiny_model_dir), sparsity=0.5, out=str(out), allocation="uniform", progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_dispatcher_maps_lambda_and_refuses_bad_numbers_in_one_line(tiny_model_dir, tmp_path, capsys, one_thread):
+    def args(out):
+        return ["sparsify", "--model", str(tiny_model_dir), "--sparsity", "0.6", "--allocation", "owl",
+                "--out", str(out), "--windows", "2", "--seq-len", "32", "--no-progress"]
+
+    out = tmp_path / "owl"
+    assert main([*args(out), "--lambda", "0.05"]) == 0
+    doc = json.loads((out / "layershap_sparsity.json").read_text())
+    assert doc["lambda"] == 0.05 and doc["allocation"] == "owl" and doc["calibration"]["windows"] == 2
+    assert max(abs(s - 0.6) for s in doc["sparsities"]) <= 0.05 + 1e-12
+    capsys.readouterr()
+    never = tmp_path / "never"
+    for bad, message in [(["--lambda", "-1"], "--lambda must be 0 or more"),
+                         (["--windows", "0"], "--windows must be at least 1")]:
+        assert main([*args(never), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("layershap sparsify: error: ") and message in err and err.count("\n") == 1
+    assert not never.exists()
