@@ -36,6 +36,7 @@ import numpy as np
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_masks
+
 from .loading import require_package
 from .measure import MASKS_PER_CALL, measure_masks, trie_groups
 from .ray_worker import MaskWorker

@@ -111,13 +111,13 @@ def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None) -> str:
     Example:
         >>> print(format_plans(read_plans("runs/gemma-3-270m")))
     """
-    lines = [f"verified plans (measured; chosen on validation windows): full model perplexity "
-             f"{doc['full_perplexity']:.4g}",
+    title = f"verified plans (measured; chosen on validation windows): full model perplexity {doc['full_perplexity']:.4g}"
+    lines = [title,
              f"  {'K':>3}  {'remove':<24} {'calib ppl':>10} {'valid ppl':>10}" + ("  lowest scores" if lowest else "")]
     for p in doc["plans"]:
         val = "-" if p["validation_perplexity"] is None else f"{p['validation_perplexity']:.4g}"
         extra = f"  {lowest[p['k']]}" if lowest and p["k"] in lowest else ""
-        lines.append(f"  {p['k']:>3}  {str(p['removed']):<24} {p['perplexity']:>10.4g} {val:>10}{extra}")
+        lines.append(f"  {p['k']:>3}  {p['removed']!s:<24} {p['perplexity']:>10.4g} {val:>10}{extra}")
     lines.append(f"  {doc['passes']} oracle passes on calibration windows, {doc['validation_passes']} on "
                  f"validation windows; search stopped: {doc['stopped']}")
     return "\n".join(lines)

@@ -30,6 +30,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from layershap.surrogate.registry import CorruptEntryError, Registry, UnknownEntryError, package_version
+
 from .guard import Guard
 from .queries import (
     Index,
@@ -46,7 +48,6 @@ from .queries import (
     scores_document,
     sparsities_document,
 )
-from layershap.surrogate.registry import CorruptEntryError, Registry, UnknownEntryError, package_version
 from .schemas import IndexSpec, PredictRequest, RemovalSetsRequest, ScoresRequest, SparsitiesRequest
 from .service import Service
 

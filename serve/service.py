@@ -19,9 +19,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from layershap.surrogate.registry_entry import check_name
-from .queries import Limits, Surrogate, dumps
 from layershap.surrogate.registry import ENTRY_FILE, Entry, Registry
+from layershap.surrogate.registry_entry import check_name
+
+from .queries import Limits, Surrogate, dumps
 
 CACHE_ITEMS = 512
 

@@ -21,8 +21,8 @@ import ray
 import torch
 from conftest import save_tiny_model_dir
 
-from layershap.oracle.distributed import RayOracle, measure_masks_distributed
 from layershap.core.errors import LayershapError, MissingPackageError
+from layershap.oracle.distributed import RayOracle, measure_masks_distributed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.measure import dataset_identity, measure_masks

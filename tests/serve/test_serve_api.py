@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from serve_support import ARTIFACT_SURROGATE, N_TINY, Server, tiny_game, tiny_surrogate
 
-from layershap.surrogate.registry import Registry
-from layershap.surrogate.checkpoint import load_surrogate
-from layershap.pruning.sparsity import export_document
-from layershap.shapley.scores_io import ScoresRecord
-from layershap.shapley.semivalues import Index
+from layershap.pruning.search import best_removal_sets
+from layershap.pruning.sparsity import export_document, owl_sparsities
 from layershap.shapley.estimate import ensemble_scores
 from layershap.shapley.exact import exact_interactions
-from layershap.pruning.sparsity import owl_sparsities
-from layershap.pruning.search import best_removal_sets
+from layershap.shapley.scores_io import ScoresRecord
+from layershap.shapley.semivalues import Index
+from layershap.surrogate.checkpoint import load_surrogate
+from layershap.surrogate.registry import Registry
 
 TINY = "tiny-synthetic"
 GEMMA = "gemma-3-270m"
@@ -198,8 +197,8 @@ def test_concurrent_requests_equal_serial_ones(setup):
 
 def test_client_returns_the_library_objects(setup):
     from layershap import Client
-    from layershap.shapley.game import Scores
     from layershap.pruning.search import Candidate
+    from layershap.shapley.game import Scores
 
     sur = setup["tiny"]
     with Client(setup["server"].url) as client:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from serve_support import ARTIFACT_SURROGATE, N_TINY, tiny_surrogate
 
+from layershap.cli.registry import registry_add, registry_list, registry_remove, registry_show
 from layershap.core.errors import LayershapError
 from layershap.serve import registry as registry_mod
-from layershap.cli.registry import registry_add, registry_list, registry_remove, registry_show
+from layershap.surrogate.checkpoint import load_surrogate
 from layershap.surrogate.registry import (
     BUILTIN_ID,
     CorruptEntryError,
@@ -22,7 +23,6 @@ from layershap.surrogate.registry import (
     register_trained,
     registry_root,
 )
-from layershap.surrogate.checkpoint import load_surrogate
 
 
 @pytest.fixture()

@@ -9,11 +9,11 @@ import pytest
 from serve_support import N_TINY, Server, tiny_surrogate
 
 from layershap import Client
-from layershap.core.errors import LayershapError
 from layershap.cli.serve import is_loopback, serve
+from layershap.core.errors import LayershapError
 from layershap.serve.client import ServiceError
-from layershap.surrogate.registry import Registry
 from layershap.surrogate.checkpoint import load_surrogate
+from layershap.surrogate.registry import Registry
 
 TINY = "tiny-synthetic"
 TOKEN = "s3cret-token-0123456789abcdef"
