@@ -5,9 +5,14 @@ Running the same command again resumes: masks already in the store are skipped, 
 Example:
     $ layershap oracle --model gemma-3-270m --text builtin --masks loo --out runs/g270m.zarr
     $ layershap oracle --model ./my-llama --masks stratified --n-masks 256 --out runs/llama.zarr --seq-len 256
+    $ layershap oracle --model ./my-llama --masks stratified --n-masks 8000 --out llama.zarr --workers 8
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+from layershap.core.errors import LayershapError
 
 from .options import Device, non_negative, positive
 
@@ -25,6 +30,9 @@ def oracle(
     batch_size: int = 4,
     masks_per_call: int = 8,
     cache_mb: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None,
     progress: bool = True,
 ) -> int:
     """Measure log-perplexity of layer masks into a zarr store (created, or extended/resumed when it exists).
@@ -44,23 +52,43 @@ def oracle(
             per group; a kill loses at most one group.
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (default 512 on CPU,
             2048 on CUDA).
+        workers: measure on this many Ray workers (pip install 'layershap[ray]'): one GPU each, or one CPU core
+            each without GPUs; each loads the model once; this process alone writes the store.
+        ray_address: Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster); needs --workers.
+        device_map: shard the model over the GPUs of one process/worker (accelerate), for models larger than
+            one GPU.
         progress: show the progress bar.
     """
     import time
+    from pathlib import Path
 
     from layershap.oracle.describe import perplexity_text
     from layershap.oracle.measure import measure_masks
-    from layershap.oracle.session import open_session
+    from layershap.oracle.session import measure_on_workers, open_session
+    from layershap.oracle.store import DatasetStore
 
     for name, value in (("n_masks", n_masks), ("windows", windows), ("seq_len", seq_len),
                         ("batch_size", batch_size), ("masks_per_call", masks_per_call), ("cache_mb", cache_mb)):
         positive(name, value)
     non_negative("seed", seed)
+    positive("workers", workers)
+    if ray_address is not None and workers is None:
+        raise LayershapError("--ray-address needs --workers N (the number of Ray workers to start there)")
     started = time.perf_counter()
-    session = open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
-                           seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb)
-    store = session.store
-    added = measure_masks(session.evaluator, store, session.masks, progress=progress, masks_per_call=masks_per_call)
+    if workers is not None:
+        before = len(DatasetStore.open(out)) if Path(out).exists() else 0
+        store = measure_on_workers(model=model, text=text, masks=masks, out=out, workers=workers,
+                                   ray_address=ray_address, n_masks=n_masks, windows=windows, seq_len=seq_len,
+                                   seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb,
+                                   device_map=device_map, masks_per_call=masks_per_call, progress=progress)
+        added = len(store) - before
+    else:
+        session = open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
+                               seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb,
+                               device_map=device_map)
+        store = session.store
+        added = measure_masks(session.evaluator, store, session.masks, progress=progress,
+                              masks_per_call=masks_per_call)
     print(f"added {added} rows; {len(store)} rows in {out} ({time.perf_counter() - started:.1f} s)")
     full = store.masks.all(axis=1)
     if full.any():

@@ -54,11 +54,13 @@ def open_session(
     device: str = "auto",
     batch_size: int = 4,
     cache_mb: int | None = None,
+    device_map: str | None = None,
 ) -> OracleSession:
     """Check the request and any existing store cheaply, then load the model and open (or create) the store.
 
     ``masks`` is a mask spec (``loo``, ``stratified``, ``stratified-all``, ``file:PATH``); ``n_masks`` applies to
-    the stratified specs only. Prints one line about the store and the masks still to measure.
+    the stratified specs only; ``device_map`` (``auto``, ...) shards the model over the GPUs (accelerate). Prints
+    one line about the store and the masks still to measure.
 
     Example:
         >>> s = open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr")
@@ -79,7 +81,7 @@ def open_session(
         existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
         print(f"extending {out}: {len(existing)} rows stored")
 
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, device_map=device_map)
     token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
     identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len)
     wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
@@ -112,3 +114,39 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
                                 cache_mb=cache_mb)
     return CachedOracle(evaluator, store, label="validation windows", progress=progress)
+
+
+def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, workers: int,
+                       ray_address: str | None = None, n_masks: int | None = None, windows: int = 4,
+                       seq_len: int = 128, seed: int = 0, device: str = "auto", batch_size: int = 4,
+                       cache_mb: int | None = None, device_map: str | None = None, masks_per_call: int = 32,
+                       progress: bool = True) -> DatasetStore:
+    """:func:`open_session` + ``measure_masks`` on ``workers`` Ray workers (``layershap[ray]``): the workers load
+    the model (never this process), cut the windows, and measure; this process alone writes the store, so a
+    killed run resumes exactly as the single-process one does. Returns the store.
+
+    Example:
+        >>> store = measure_on_workers(model="./my-llama", text="calib.txt", masks="stratified", out="l.zarr", workers=8)
+    """
+    from .distributed import RayOracle, connect
+    from .measure import measure_masks
+
+    check_mask_spec(masks)
+    out = Path(out)
+    calibration = load_text(text)
+    dtype = None
+    if not _is_new(out):
+        existing = DatasetStore.open(out)
+        existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
+        dtype = existing.identity["dtype"]
+        print(f"extending {out}: {len(existing)} rows stored")
+    connect(ray_address)
+    with RayOracle(model, workers=workers, dtype=dtype, device=device, device_map=device_map,
+                   batch_size=batch_size, cache_mb=cache_mb) as pool:
+        token_windows, identity = pool.windows_for(calibration.text, calibration.text_id, windows, seq_len, seed)
+        store = DatasetStore.create_or_open(out, identity, token_windows)
+        wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
+        print(f"{identity['model_id']}: {identity['n_layers']} layers on {workers} Ray workers; {len(wanted)} masks "
+              f"asked for, {int(store.missing(wanted).sum())} to measure")
+        measure_masks(pool, store, wanted, progress=progress, masks_per_call=masks_per_call)
+    return store

@@ -1,4 +1,4 @@
-"""The Shapley estimation service: a registry of trained surrogates (``registry``), the HTTP API
+"""The Shapley estimation service over the registry of trained surrogates (``layershap.surrogate.registry``): the HTTP API
 (``app``, ``layershap serve``) and its Python client (``client``, also ``from layershap import Client``).
 
 Example:

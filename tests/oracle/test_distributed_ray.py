@@ -205,3 +205,20 @@ def test_workers_without_ray_name_the_pip_install(setup, monkeypatch):
     with pytest.raises(MissingPackageError, match=r"pip install 'layershap\[ray\]'"):
         measure_masks_distributed(str(setup["model_dir"]), store, ALL_MASKS, workers=2, progress=False)
     assert len(DatasetStore.open(store.path)) == 0
+
+
+def test_oracle_command_with_workers_equals_the_single_process_command(cluster, setup, tmp_path, capsys):
+    """`layershap oracle --workers 2` and the plain command write the same rows (same masks, same nll)."""
+    from layershap.cli.main import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    common = ["--model", str(setup["model_dir"]), "--text", str(text), "--masks", "stratified", "--n-masks", "20",
+              "--windows", "2", "--seq-len", "16", "--device", "cpu", "--no-progress"]
+    assert main(["oracle", *common, "--out", str(tmp_path / "one.zarr")]) == 0
+    assert main(["oracle", *common, "--out", str(tmp_path / "pool.zarr"), "--workers", "2"]) == 0
+    one, pool = DatasetStore.open(tmp_path / "one.zarr"), DatasetStore.open(tmp_path / "pool.zarr")
+    assert max_diff_to_reference(pool, one) < 1e-5
+    np.testing.assert_array_equal(pool.windows, one.windows)
+    assert main(["oracle", *common, "--out", str(tmp_path / "x.zarr"), "--ray-address", "a:1"]) == 2
+    assert "--ray-address needs --workers" in capsys.readouterr().err

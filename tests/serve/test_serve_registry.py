@@ -13,7 +13,7 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, tiny_surrogate
 
 from layershap.cli.registry import registry_add, registry_list, registry_remove, registry_show
 from layershap.core.errors import LayershapError
-from layershap.serve import registry as registry_mod
+from layershap.surrogate import registry as registry_mod
 from layershap.surrogate.checkpoint import load_surrogate
 from layershap.surrogate.registry import (
     BUILTIN_ID,
