@@ -64,7 +64,7 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
                         "windows_sha256": session.store.attrs.get("windows_sha256")},
         "validation": {"windows_sha256": validation.store.attrs.get("windows_sha256")},
         "full_nll": float(full), "full_perplexity": math.exp(full),
-        "choice": f"the best of the {top_validate} best measured sets per K on the validation windows",
+        "choice": f"of the {top_validate} best measured sets per K, the lowest calibration + validation nll",
         "plans": [{"k": k, "removed": list(p.removed), "nll": p.nll, "perplexity": math.exp(p.nll),
                    "validation_nll": p.validation_nll,
                    "validation_perplexity": None if p.validation_nll is None else math.exp(p.validation_nll)}
@@ -111,7 +111,7 @@ def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None) -> str:
     Example:
         >>> print(format_plans(read_plans("runs/gemma-3-270m")))
     """
-    title = f"verified plans (measured; chosen on validation windows): full model perplexity {doc['full_perplexity']:.4g}"
+    title = f"verified plans (measured; chosen with validation windows): full model perplexity {doc['full_perplexity']:.4g}"
     lines = [title,
              f"  {'K':>3}  {'remove':<24} {'calib ppl':>10} {'valid ppl':>10}" + ("  lowest scores" if lowest else "")]
     for p in doc["plans"]:

@@ -77,18 +77,23 @@ def test_never_remeasures_a_stored_mask_and_respects_the_budget():
 
 
 def test_validation_chooses_among_the_best_measured_sets():
-    # validation windows that disagree with calibration about the best pair: the plan follows validation
-    def validation_nll(masks):
-        nll = game_nll(masks)
-        return np.where([removal_set(m) == (0, 3) for m in masks], nll + 1.0, nll)
+    # validation windows that disagree with calibration about the best pair: by more than the calibration gap,
+    # the plan follows the pooled nll away from it; by less, the clear calibration winner stays
+    def make_validation(penalty):
+        def validation_nll(masks):
+            nll = game_nll(masks)
+            return np.where([removal_set(m) == (0, 3) for m in masks], nll + penalty, nll)
+        return validation_nll
 
-    oracle = GameOracle()
-    res = find_plans(oracle, [2], budget=40, seed=0, validation=validation_nll, top_validate=3, progress=False)
-    top3 = sorted(oracle.known.items(), key=lambda kv: kv[1])
-    top3 = [s for s, _ in top3 if len(s) == 2][:3]
-    assert res.validation_passes == 3
-    assert res.plans[2].removed == min(top3, key=lambda s: validation_nll(masks_of([s], N))[0])
-    assert res.plans[2].removed != (0, 3) and res.plans[2].validation_nll is not None
+    for penalty, moved in ((1.0, True), (0.001, False)):
+        oracle = GameOracle()
+        validation_nll = make_validation(penalty)
+        res = find_plans(oracle, [2], budget=40, seed=0, validation=validation_nll, top_validate=3, progress=False)
+        top3 = [s for s, _ in sorted(oracle.known.items(), key=lambda kv: kv[1]) if len(s) == 2][:3]
+        pooled = {s: oracle.known[s] + validation_nll(masks_of([s], N))[0] for s in top3}
+        assert res.validation_passes == 3 and res.plans[2].validation_nll is not None
+        assert res.plans[2].removed == min(pooled, key=pooled.get)
+        assert (res.plans[2].removed != (0, 3)) == moved
 
 
 def test_bad_plan_requests_are_clear_errors():
