@@ -16,11 +16,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from layershap.core.errors import LayershapError
+from layershap.core.jsonio import write_json
 
 FORMATS = ("json", "llmcompressor", "list")
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
@@ -76,13 +76,6 @@ def write_list(path: str | Path, sparsities: Sequence[float]) -> Path:
     """Write one sparsity per line (layer 0 first)."""
     path = Path(path)
     path.write_text("".join(f"{float(s):.6f}\n" for s in sparsities))
-    return path
-
-
-def write_json(path: str | Path, document: dict) -> Path:
-    """Write the layershap sparsity JSON document."""
-    path = Path(path)
-    path.write_text(json.dumps(document, indent=2) + "\n")
     return path
 
 
