@@ -183,7 +183,8 @@ def load_surrogate(path: str | Path) -> Surrogate:
         file = root / name
         if not file.is_file():
             raise LayershapError(f"surrogate member {file} is missing; retrain with `layershap train`")
-        net = MaskNet(int(arch["n_layers"]), hidden=int(arch["hidden"]), depth=int(arch["depth"]))
+        net = MaskNet(int(arch["n_layers"]), hidden=int(arch["hidden"]), depth=int(arch["depth"]),
+                      anchor=arch.get("anchor"))
         net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         nets.append(net)
     return Surrogate(nets, meta)

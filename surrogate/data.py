@@ -165,6 +165,13 @@ class MaskDataModule(L.LightningDataModule):
         """Sorted removed-layer counts present in the rows (every fold trains on all of them)."""
         return sorted(int(r) for r in np.unique(self.removed))
 
+    @property
+    def full_target(self) -> float | None:
+        """Standardized target of the full model (no layer removed) when it is among the rows, else ``None``:
+        the anchor every network is built on (see :class:`~layershap.surrogate.network.MaskNet`)."""
+        full = np.flatnonzero(self.removed == 0)
+        return None if len(full) == 0 else float(self.standardize(self.nll[full[:1]])[0])
+
     def standardize(self, nll: np.ndarray) -> np.ndarray:
         """nll (nats) -> the training target ``(log(nll) - target_mean) / target_std``."""
         return (np.log(np.asarray(nll, dtype=np.float64)) - self.target_mean) / self.target_std

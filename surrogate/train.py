@@ -156,7 +156,8 @@ def train_ensemble(
                   "rule": "member i validates on fold i mod folds"},
         "training": {"seed": seed, "members": members, "member_seeds": seeds, "max_epochs": max_epochs,
                      "patience": patience, "lr": lr, "weight_decay": weight_decay, "batch_size": dm.batch_size,
-                     "loss": "mse on standardized log(nll)", "optimizer": "adam", "runs": runs},
+                     "loss": "mse on standardized log(nll), weight 1/(1 + removed layers)",
+                     "anchored": dm.full_target is not None, "optimizer": "adam", "runs": runs},
     }
     surrogate = Surrogate(nets, metadata)
     oof_sum = np.zeros(len(dm.nll))
@@ -274,7 +275,8 @@ def fit_member(
     """
     with _quiet_lightning():
         L.seed_everything(seed, workers=True, verbose=False)
-        module = MaskMLP(dm.n_layers, hidden=hidden, depth=depth, lr=lr, weight_decay=weight_decay)
+        module = MaskMLP(dm.n_layers, hidden=hidden, depth=depth, lr=lr, weight_decay=weight_decay,
+                         anchor=dm.full_target)
         best = _BestWeights()
         callbacks: list[Callback] = [EarlyStopping(monitor="val_loss", mode="min", patience=patience), best]
         if progress:

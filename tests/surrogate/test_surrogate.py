@@ -17,6 +17,7 @@ from layershap.sampling.stratified import stratified_masks
 from layershap.surrogate.checkpoint import PREDICT_CHUNK_BYTES, Surrogate, load_surrogate, predict_chunk
 from layershap.surrogate.data import MaskDataModule, folds_for, stratified_folds
 from layershap.surrogate.metrics import fit_metrics, format_metrics_table, regression_metrics
+from layershap.surrogate.model import MaskMLP
 from layershap.surrogate.network import MaskNet, encode_masks
 from layershap.surrogate.train import member_seeds, train_ensemble
 
@@ -66,6 +67,52 @@ def test_returned_surrogate_equals_the_saved_one(ensemble_dir, game_data):
     loaded = load_surrogate(ensemble_dir)
     masks = MaskDataModule(*game_data, seed=0).masks
     np.testing.assert_array_equal(np.stack(loaded.predict(masks)), np.load(ensemble_dir / "returned_predictions.npy"))
+
+
+def test_full_model_is_reproduced_exactly_by_the_anchor(ensemble_dir, game_data):
+    """The full model is measured (2.0 nats in the game): every member, saved and reloaded, predicts it exactly,
+    while the other masks are still a free fit (their predictions differ between members)."""
+    masks, nll = game_data
+    assert smooth_game(np.ones((1, N), bool))[0] == 2.0
+    meta = json.loads((ensemble_dir / "metadata.json").read_text())
+    log_nll = np.log(nll)
+    assert meta["architecture"]["anchor"] == pytest.approx((np.log(2.0) - log_nll.mean()) / log_nll.std())
+    sur = load_surrogate(ensemble_dir)
+    full = np.ones((1, N), bool)
+    for j in range(sur.members):
+        assert sur.member(j).predict_nll(full)[0] == pytest.approx(2.0, rel=1e-5)
+    assert sur.predict_std(full)[0] < 1e-5 < sur.predict_std(masks[~masks.all(1)]).min()
+
+
+def test_loss_weights_near_full_masks_more():
+    """The training loss is the mean squared error weighted 1 / (1 + removed layers), computed by hand here."""
+    module = MaskMLP(4, hidden=8)
+    masks = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
+    x, y = encode_masks(masks), torch.tensor([0.5, -1.0, 2.0, 3.0])
+    with torch.no_grad():
+        err = (module(x) - y).numpy().astype(np.float64) ** 2
+        loss = float(module._loss((x, y)))
+    w = np.array([1, 1 / 2, 1 / 4, 1 / 5])
+    assert loss == pytest.approx((w * err).sum() / w.sum(), rel=1e-5)
+    assert loss != pytest.approx(err.mean(), rel=1e-3)
+
+
+def test_without_the_full_model_the_network_is_free(game_data):
+    masks, nll = game_data
+    keep = ~masks.all(1)
+    dm = MaskDataModule(masks[keep], nll[keep], seed=0)
+    assert dm.full_target is None
+    assert MaskDataModule(masks, nll, seed=0).full_target == pytest.approx(
+        (np.log(2.0) - np.log(nll).mean()) / np.log(nll).std())
+    net = MaskNet(N, hidden=8)
+    assert net.architecture()["anchor"] is None
+    with pytest.raises(ValueError, match="anchor must be finite"):
+        MaskNet(N, anchor=float("nan"))
+    anchored = MaskNet(N, hidden=8, anchor=0.25)
+    with torch.no_grad():
+        x = encode_masks(np.ones((3, N), bool))
+        assert torch.allclose(anchored(x), torch.full((3,), 0.25))
+        assert not torch.allclose(net(x), torch.full((3,), 0.25))
 
 
 def _train_one(game_data, out: Path, seed: int) -> Path:
