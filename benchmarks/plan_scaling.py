@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.measure import CachedOracle
 from layershap.pipeline.plans import default_ks
 from layershap.pruning.baselines import sleb
-from layershap.pruning.plan import find_plans, masks_of
+from layershap.pruning.plan import find_plans
 
 
 class TimedOracle:
@@ -70,7 +71,7 @@ def main() -> None:
     greedy = sleb(sleb_oracle, n, ks[-1], progress=False)
     print(f"{'K':>3}  {'plan nll':>9}  {'SLEB nll':>9}  {'SLEB passes':>11}")
     for k in ks:
-        sleb_nll = float(sleb_oracle.nll(masks_of([greedy.removal(k)], n))[0])
+        sleb_nll = float(sleb_oracle.nll(masks_from_removed([greedy.removal(k)], n))[0])
         print(f"{k:>3}  {res.plans[k].nll:>9.4f}  {sleb_nll:>9.4f}  {greedy.passes[k - 1]:>11}")
     print(f"SLEB to K = {ks[-1]}: {greedy.passes[-1]} passes; plans for every K: {res.passes} passes")
 

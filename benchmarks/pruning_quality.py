@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity
@@ -49,7 +50,7 @@ from layershap.oracle.text import CalibrationText, eval_windows, load_text, make
 from layershap.pipeline.plans import DEFAULT_PLAN_BUDGET
 from layershap.pipeline.run import DEFAULT_N_MASKS
 from layershap.pruning.baselines import run_baselines
-from layershap.pruning.plan import find_plans, masks_of, removal_set
+from layershap.pruning.plan import find_plans, removal_set
 from layershap.sampling.specs import parse_mask_spec
 from layershap.shapley.estimate import ensemble_scores
 from layershap.shapley.semivalues import Index, default_index
@@ -93,7 +94,7 @@ class CountingOracle:
 
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         sets = list(self.asked)
-        return masks_of(sets, self.n_layers), np.array([self.asked[s] for s in sets])
+        return masks_from_removed(sets, self.n_layers), np.array([self.asked[s] for s in sets])
 
 
 def oracle_on(loaded, windows: np.ndarray, text_id: str, seq_len: int, path: Path, label: str) -> CachedOracle:
@@ -104,7 +105,7 @@ def oracle_on(loaded, windows: np.ndarray, text_id: str, seq_len: int, path: Pat
 
 def brute_force(cal: CachedOracle, n: int, quad_seeds: int) -> dict[int, dict]:
     """Calibration optimum per K (see the module docstring); returns {K: {"sets": [...], "nll": [...], "scope"}}."""
-    loo = cal.nll(masks_of([(i,) for i in range(n)], n))
+    loo = cal.nll(masks_from_removed([(i,) for i in range(n)], n))
     full = float(cal.nll(np.ones((1, n), bool))[0])
     pool = [i for i in range(n) if math.exp(loo[i]) < 1000]
     out = {1: {"sets": [(i,) for i in range(n)], "scope": "all"}}
@@ -112,10 +113,10 @@ def brute_force(cal: CachedOracle, n: int, quad_seeds: int) -> dict[int, dict]:
     out[3] = {"sets": list(itertools.combinations(pool, 3)),
               "scope": f"the {len(pool)} layers with leave-one-out perplexity < 1,000"}
     for k in (1, 2, 3):
-        out[k]["nll"] = cal.nll(masks_of(out[k]["sets"], n))
+        out[k]["nll"] = cal.nll(masks_from_removed(out[k]["sets"], n))
     best3 = [out[3]["sets"][i] for i in np.argsort(out[3]["nll"], kind="stable")[:quad_seeds]]
     quads = sorted({tuple(sorted((*t, j))) for t in best3 for j in pool if j not in t})
-    out[4] = {"sets": quads, "nll": cal.nll(masks_of(quads, n)),
+    out[4] = {"sets": quads, "nll": cal.nll(masks_from_removed(quads, n)),
               "scope": f"supersets of the {quad_seeds} best triples ({len(quads)} sets; restricted)"}
     out["full"] = full
     return out
@@ -213,7 +214,7 @@ def main() -> None:
         pool = {brute[k]["sets"][i] for i in order} | {m[k][0] for m in methods.values() if k in m}
         pool = sorted(pool)
         for name in texts:
-            vals = held[name].nll(masks_of(pool, n))
+            vals = held[name].nll(masks_from_removed(pool, n))
             i = int(np.argmin(vals))
             ho_opt[name][k] = (pool[i], float(vals[i]))
 
@@ -226,8 +227,8 @@ def main() -> None:
         rows = [(OPT, opt[k][0], 0)] if k in opt else []
         rows += [(name, methods[name][k][0], methods[name][k][1]) for name in methods if k in methods[name]]
         sets = [r[1] for r in rows]
-        cal_nll = cal.nll(masks_of(sets, n))
-        ho_nll = {name: held[name].nll(masks_of(sets, n)) for name in texts}
+        cal_nll = cal.nll(masks_from_removed(sets, n))
+        ho_nll = {name: held[name].nll(masks_from_removed(sets, n)) for name in texts}
         best_peer = {name: min(v for (m, _, _), v in zip(rows, ho_nll[name]) if m in PEERS) for name in texts}
         for j, (method, removed, passes) in enumerate(rows):
             line = f"{k:>2} {method:<26} {list(removed)!s:<18} {math.exp(cal_nll[j]):>9.2f} "

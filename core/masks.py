@@ -62,16 +62,26 @@ def unique_rows(masks: np.ndarray) -> np.ndarray:
 
 
 def masks_from_removed(removed: Sequence[int] | Sequence[Sequence[int]] | np.ndarray, n_layers: int) -> np.ndarray:
-    """Masks ``bool[m, n_layers]`` from removal sets ``int[m, K]`` (False at the removed layers, 0-based).
+    """Masks ``bool[m, n_layers]`` from removal sets (False at the removed layers, 0-based), one row per set.
 
-    A flat list is one removal set (one row). Out-of-range or repeated indices are a :class:`MaskError`.
+    The sets may differ in size (``[(), (3,), (1, 4)]``: full model, one and two layers removed). A non-empty flat
+    list is one removal set (one row); an empty list is no set (zero rows). Out-of-range or repeated indices are a
+    :class:`MaskError`.
 
     Example:
         >>> masks_from_removed([[0, 2]], 3).astype(int).tolist()
         [[0, 1, 0]]
         >>> masks_from_removed([1, 3], 4)[0].tolist()
         [True, False, True, False]
+        >>> masks_from_removed([(), (1,)], 2).tolist()
+        [[True, True], [True, False]]
     """
+    if not isinstance(removed, np.ndarray) and len(removed) == 0:
+        return np.ones((0, n_layers), dtype=bool)
+    if not isinstance(removed, np.ndarray) and all(np.ndim(s) == 1 for s in removed):
+        rows = [np.asarray(s, dtype=np.int64) for s in removed]
+        if len({r.size for r in rows}) > 1:  # sets of different sizes: one row at a time
+            return np.concatenate([masks_from_removed(r[None, :], n_layers) for r in rows])
     sets = np.asarray(removed, dtype=np.int64)
     if sets.ndim == 1:
         sets = sets[None, :]

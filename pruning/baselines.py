@@ -51,7 +51,7 @@ class Removal:
 
     def mask(self, n_layers: int) -> np.ndarray:
         """The kept-layer mask ``bool[n_layers]``."""
-        return masks_from_removed(list(self.removed), n_layers)[0]
+        return masks_from_removed([self.removed], n_layers)[0]
 
 
 @dataclass(frozen=True)

@@ -94,14 +94,6 @@ def removal_set(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(~np.asarray(mask, dtype=bool)))
 
 
-def masks_of(sets: Sequence[Sequence[int]], n: int) -> np.ndarray:
-    """Masks for removal sets of any sizes (one row per set)."""
-    masks = np.ones((len(sets), n), dtype=bool)
-    for row, s in enumerate(sets):
-        masks[row, list(s)] = False
-    return masks
-
-
 def loo_damage(masks: np.ndarray, nll: np.ndarray) -> np.ndarray:
     """Each layer's leave-one-out nll increase over the full model; ``nan`` where a row is missing."""
     n = masks.shape[1]
@@ -212,7 +204,7 @@ def find_plans(
         known = {removal_set(m) for m in oracle.rows()[0]}
         todo = [s for s in dict.fromkeys(sets) if s not in known][: max(0, budget - spent)]
         if todo:
-            oracle.nll(masks_of(todo, n))
+            oracle.nll(masks_from_removed(todo, n))
             spent += len(todo)
         return len(todo)
 
@@ -246,7 +238,7 @@ def find_plans(
                 if by_k[k]:
                     near = [s for s in neighbours(by_k[k][0].removed, smaller, n) if s not in known and s not in asked]
                     if near:
-                        asked.append(near[int(np.argmin(predict(masks_of(near, n))))])
+                        asked.append(near[int(np.argmin(predict(masks_from_removed(near, n))))])
             added = measure(asked)
             bar.update(added)
             masks, nll = oracle.rows()
@@ -275,7 +267,7 @@ def find_plans(
                                  f"passes; raise the budget")
         top = by_k[k][:top_validate]
         if validation is not None:
-            vals = np.asarray(validation(masks_of([c.removed for c in top], n)), dtype=np.float64)
+            vals = np.asarray(validation(masks_from_removed([c.removed for c in top], n)), dtype=np.float64)
             validation_passes += len(top)
             top = [PlanCandidate(c.removed, c.nll, float(v)) for c, v in zip(top, vals)]
             by_k[k][: len(top)] = top

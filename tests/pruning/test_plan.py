@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from layershap.core.errors import LayershapError
-from layershap.pruning.plan import find_plans, masks_of, removal_set
+from layershap.core.masks import masks_from_removed
+from layershap.pruning.plan import find_plans, removal_set
 from layershap.shapley.exact import exact_semivalue
 
 # Additive costs, one planted pair whose joint removal is cheaper than its parts (B < 0), and a mild quadratic
@@ -28,7 +29,7 @@ def game_nll(masks: np.ndarray) -> np.ndarray:
 
 def brute_best(k: int) -> tuple[int, ...]:
     sets = list(itertools.combinations(range(N), k))
-    return sets[int(np.argmin(game_nll(masks_of(sets, N))))]
+    return sets[int(np.argmin(game_nll(masks_from_removed(sets, N))))]
 
 
 class GameOracle:
@@ -38,7 +39,7 @@ class GameOracle:
 
     def __init__(self, stored: list[tuple[int, ...]] = (), game=game_nll) -> None:
         self.game = game
-        self.known = {s: float(game(masks_of([s], N))[0]) for s in stored}
+        self.known = {s: float(game(masks_from_removed([s], N))[0]) for s in stored}
         self.measured: list[tuple[int, ...]] = []
 
     def nll(self, masks: np.ndarray) -> np.ndarray:
@@ -53,7 +54,7 @@ class GameOracle:
 
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         sets = list(self.known)
-        return masks_of(sets, N), np.array([self.known[s] for s in sets])
+        return masks_from_removed(sets, N), np.array([self.known[s] for s in sets])
 
 
 def test_lowest_scores_are_wrong_here_and_the_plan_is_right():
@@ -63,7 +64,7 @@ def test_lowest_scores_are_wrong_here_and_the_plan_is_right():
     res = find_plans(GameOracle(), [1, 2, 3, 4], budget=45, seed=0, progress=False)
     for k in (1, 2, 3, 4):
         assert res.plans[k].removed == brute_best(k)
-        assert res.plans[k].nll == pytest.approx(game_nll(masks_of([brute_best(k)], N))[0])
+        assert res.plans[k].nll == pytest.approx(game_nll(masks_from_removed([brute_best(k)], N))[0])
 
 
 def test_never_remeasures_a_stored_mask_and_respects_the_budget():
@@ -90,7 +91,7 @@ def test_validation_chooses_among_the_best_measured_sets():
         validation_nll = make_validation(penalty)
         res = find_plans(oracle, [2], budget=40, seed=0, validation=validation_nll, top_validate=3, progress=False)
         top3 = [s for s, _ in sorted(oracle.known.items(), key=lambda kv: kv[1]) if len(s) == 2][:3]
-        pooled = {s: oracle.known[s] + validation_nll(masks_of([s], N))[0] for s in top3}
+        pooled = {s: oracle.known[s] + validation_nll(masks_from_removed([s], N))[0] for s in top3}
         assert res.validation_passes == 3 and res.plans[2].validation_nll is not None
         assert res.plans[2].removed == min(pooled, key=pooled.get)
         assert (res.plans[2].removed != (0, 3)) == moved

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from layershap.core.errors import LayershapError
+from layershap.core.errors import LayershapError, MaskError
 from layershap.core.masks import masks_from_removed
 from layershap.pruning.search import (
     beam_search,
@@ -43,6 +43,16 @@ def brute_force(v, n: int, k: int) -> list[tuple[tuple[int, ...], float]]:
 
 def test_removal_masks():
     assert masks_from_removed(np.array([[0, 2], [1, 3]]), 4).astype(int).tolist() == [[0, 1, 0, 1], [1, 0, 1, 0]]
+    # sets of different sizes, one row each: the removed layers are exactly the named ones
+    sets = [(), (3,), (0, 2), (1, 2, 3)]
+    masks = masks_from_removed(sets, 4)
+    assert [tuple(np.flatnonzero(~m).tolist()) for m in masks] == sets
+    assert masks_from_removed([], 4).shape == (0, 4)  # no set, no row
+    assert masks_from_removed([()], 4).tolist() == [[True] * 4]  # one empty set: the full model
+    with pytest.raises(MaskError, match="out of range"):
+        masks_from_removed([(), (4,)], 4)
+    with pytest.raises(MaskError, match="duplicates"):
+        masks_from_removed([(1,), (2, 2)], 4)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])

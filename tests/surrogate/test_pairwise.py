@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from layershap.core.errors import LayershapError
-from layershap.pruning.plan import masks_of
+from layershap.core.masks import masks_from_removed
 from layershap.surrogate.pairwise import PairwiseModel, pair_features
 
 N = 7
@@ -35,17 +35,17 @@ def test_features_are_removed_indicators_and_their_pair_products():
 
 
 def test_recovers_a_pairwise_log_game_on_unseen_sets():
-    train = masks_of(sets_up_to(3), N)
+    train = masks_from_removed(sets_up_to(3), N)
     model = PairwiseModel.fit(train, np.exp(log_nll(train)), alpha=1e-6)
-    test = masks_of([s for s in itertools.combinations(range(N), 4)], N)  # never seen: 4 removed
+    test = masks_from_removed([s for s in itertools.combinations(range(N), 4)], N)  # never seen: 4 removed
     np.testing.assert_allclose(model.predict_log_nll(test), log_nll(test), atol=2e-3)  # tiny ridge bias
     assert model.intercept == pytest.approx(1.2)  # anchored at the measured full model
 
 
 def test_max_removed_ignores_rows_outside_the_regime():
-    train = masks_of(sets_up_to(2), N)
+    train = masks_from_removed(sets_up_to(2), N)
     y = np.exp(log_nll(train))
-    far = masks_of([tuple(range(5))], N)
+    far = masks_from_removed([tuple(range(5))], N)
     with_junk = PairwiseModel.fit(np.vstack([train, far]), np.append(y, 1e6), alpha=1e-6, max_removed=2)
     clean = PairwiseModel.fit(train, y, alpha=1e-6)
     np.testing.assert_allclose(with_junk.weights, clean.weights)
@@ -53,10 +53,10 @@ def test_max_removed_ignores_rows_outside_the_regime():
 
 
 def test_bad_input_is_a_clear_error():
-    train = masks_of(sets_up_to(1), N)
+    train = masks_from_removed(sets_up_to(1), N)
     with pytest.raises(LayershapError, match="positive"):
         PairwiseModel.fit(train, np.zeros(len(train)))
     with pytest.raises(LayershapError, match="ridge"):
         PairwiseModel.fit(train, np.ones(len(train)), alpha=0)
     with pytest.raises(LayershapError, match="in its range"):
-        PairwiseModel.fit(masks_of([tuple(range(4))], N), np.ones(1), max_removed=2)
+        PairwiseModel.fit(masks_from_removed([tuple(range(4))], N), np.ones(1), max_removed=2)
