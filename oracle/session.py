@@ -24,7 +24,7 @@ from .evaluate import MaskedEvaluator
 from .loading import LoadedModel, load_model
 from .measure import CachedOracle, dataset_identity
 from .store import DatasetStore
-from .text import load_text, make_windows, validation_windows
+from .text import CalibrationText, load_text, make_windows, validation_windows
 
 
 @dataclass
@@ -39,6 +39,24 @@ class OracleSession:
 
 def _is_new(out: Path) -> bool:
     return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
+def _check_request(masks: str, n_masks: int | None, text: str, out: Path, windows: int, seq_len: int,
+                   seed: int) -> tuple[CalibrationText, DatasetStore | None]:
+    """Cheap checks before any model is loaded: the mask spec, and an existing store at ``out`` must be a
+    layershap store made from the same text with the same window count and length that the masks fit.
+    Returns the text and the existing store (``None`` for a new one)."""
+    check_mask_spec(masks)
+    if n_masks is not None and not masks.strip().startswith("stratified"):
+        raise LayershapError(f"--n-masks applies to the stratified mask specs only, not to {masks!r}")
+    calibration = load_text(text)
+    if _is_new(out):
+        return calibration, None
+    existing = DatasetStore.open(out)
+    parse_mask_spec(masks, existing.n_layers, n_masks, seed)
+    existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
+    print(f"extending {out}: {len(existing)} rows stored")
+    return calibration, existing
 
 
 def open_session(
@@ -65,22 +83,10 @@ def open_session(
     Example:
         >>> s = open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr")
     """
-    check_mask_spec(masks)
-    if n_masks is not None and not masks.strip().startswith("stratified"):
-        raise LayershapError(f"--n-masks applies to the stratified mask specs only, not to {masks!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise LayershapError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     out = Path(out)
-
-    # Cheap checks against an existing store before loading the model: it must be a layershap store,
-    # made from the same text with the same window count and length, and the masks must fit it.
-    calibration = load_text(text)
-    if not _is_new(out):
-        existing = DatasetStore.open(out)
-        parse_mask_spec(masks, existing.n_layers, n_masks, seed)
-        existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
-        print(f"extending {out}: {len(existing)} rows stored")
-
+    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed)
     loaded = load_model(model, device=device, device_map=device_map)
     token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
     identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len)
@@ -131,15 +137,9 @@ def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, wo
     from .distributed import RayOracle, connect
     from .measure import measure_masks
 
-    check_mask_spec(masks)
     out = Path(out)
-    calibration = load_text(text)
-    dtype = None
-    if not _is_new(out):
-        existing = DatasetStore.open(out)
-        existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
-        dtype = existing.identity["dtype"]
-        print(f"extending {out}: {len(existing)} rows stored")
+    calibration, existing = _check_request(masks, n_masks, text, out, windows, seq_len, seed)
+    dtype = None if existing is None else existing.identity["dtype"]
     connect(ray_address)
     with RayOracle(model, workers=workers, dtype=dtype, device=device, device_map=device_map,
                    batch_size=batch_size, cache_mb=cache_mb) as pool:

@@ -200,6 +200,23 @@ def test_bad_input_keeps_existing_store(case, tmp_path, loo_store, tiny_model_di
     assert len(DatasetStore.open(loo_store)) == 5
 
 
+@pytest.mark.parametrize("case", ["mask_length", "not_binary", "other_seq_len", "n_masks_with_loo", "unknown_spec"])
+def test_workers_make_the_same_cheap_checks_before_starting_ray(case, tmp_path, loo_store, tiny_model_dir, bert_dir,
+                                                                capsys, monkeypatch):
+    from layershap.oracle import distributed
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the request was checked")
+
+    monkeypatch.setattr(distributed, "connect", no_ray)
+    args, message = bad_case(case, tmp_path, tiny_model_dir, bert_dir)
+    before = snapshot(loo_store)
+    assert main(["oracle", *args, "--workers", "2", "--out", str(loo_store)]) == 2
+    err = capsys.readouterr().err
+    assert "layershap oracle: error:" in err and message in err
+    assert snapshot(loo_store) == before
+
+
 @pytest.mark.parametrize("case", ["mask_length", "not_binary", "unsupported_arch", "unknown_spec"])
 def test_bad_input_creates_no_store(case, tmp_path, tiny_model_dir, bert_dir, capsys):
     args, message = bad_case(case, tmp_path, tiny_model_dir, bert_dir)
