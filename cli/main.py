@@ -120,11 +120,30 @@ def normalize_argv(command: str, fn: Callable, argv: list[str]) -> list[str]:
     return out + tail
 
 
+def user_spelling(text: str) -> str:
+    """Help text with flags spelled as users type them: dashes, and ``--X/--no-X`` for true/false flags.
+
+    Example:
+        >>> user_spelling("[--plan_budget PLAN_BUDGET] [--progress {true,false}]")
+        '[--plan-budget PLAN_BUDGET] [--progress/--no-progress]'
+    """
+    text = re.sub(r"--(\w+) \{true,false\}", lambda m: f"--{m.group(1)}/--no-{m.group(1)}", text)
+    return re.sub(r"--([\w-]+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
 def build_parser(command: str, fn: Callable):
-    """The jsonargparse parser of one command, built from ``fn``'s signature and docstring."""
+    """The jsonargparse parser of one command, built from ``fn``'s signature and docstring; its help spells
+    flags as users type them (:func:`user_spelling`)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=f"layershap {command}", description=COMMANDS[command], exit_on_error=False)
+    class Parser(ArgumentParser):
+        def format_help(self) -> str:
+            return user_spelling(super().format_help())
+
+        def format_usage(self) -> str:
+            return user_spelling(super().format_usage())
+
+    parser = Parser(prog=f"layershap {command}", description=COMMANDS[command], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of option values (see --print_config)")
     parser.add_function_arguments(fn, as_positional=False)
     return parser

@@ -3,10 +3,14 @@ command (bad numbers, a file named .gguf that is not GGUF, a store too small to 
 
 from __future__ import annotations
 
+import inspect
+import re
+import typing
+
 import numpy as np
 import pytest
 
-from layershap.cli.main import command_function, main, normalize_argv
+from layershap.cli.main import ALIASES, COMMANDS, command_function, main, normalize_argv
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
 from layershap.sampling.stratified import loo_masks
@@ -27,6 +31,25 @@ def test_normalize_argv_dashes_booleans_lists_positionals_aliases():
     export = command_function("export")
     assert normalize_argv("export", export, ["s.json", "--lambda", "0.1", "--config", "c.yaml"]) == [
         "--lam=0.1", "--config=c.yaml", "--scores", "s.json"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_spells_flags_as_users_type_them(command, capsys):
+    """Every parameter of the command's function appears in its help with dashes; true/false flags as
+    --X/--no-X; no underscore spelling is left."""
+    fn = command_function(command)
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert not re.findall(r"--\w*_\w*", text)
+    hints = typing.get_type_hints(fn)
+    for name in inspect.signature(fn).parameters:
+        flag = "--" + ALIASES.get(command, {}).get(name, name).replace("_", "-")
+        if bool in {hints[name], *typing.get_args(hints[name])}:
+            assert f"{flag}/--no-{flag[2:]}" in text
+        else:
+            assert re.search(re.escape(flag) + r"\b", text), flag
 
 
 def test_print_config_and_config_file(tmp_path, capsys):
