@@ -41,14 +41,13 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
 from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows, validation_windows
-from layershap.pipeline.plans import DEFAULT_PLAN_BUDGET
-from layershap.pipeline.run import DEFAULT_N_MASKS
 from layershap.pruning.baselines import run_baselines
 from layershap.pruning.plan import find_plans, removal_set
 from layershap.sampling.specs import parse_mask_spec
@@ -156,15 +155,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--text", default="builtin", help="calibration text (the main job's)")
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--windows", type=int, default=CALIBRATION_WINDOWS)
+    p.add_argument("--seq-len", type=int, default=CALIBRATION_SEQ_LEN)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ks", default="1,2,3,4,5")
     p.add_argument("--heldout", default="gpl3,vim,email")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--n-masks", type=int, default=DEFAULT_N_MASKS)
-    p.add_argument("--plan-budget", type=int, default=DEFAULT_PLAN_BUDGET)
+    p.add_argument("--n-masks", type=int, default=MAIN_JOB_MASKS)
+    p.add_argument("--plan-budget", type=int, default=PLAN_BUDGET)
     p.add_argument("--quad-seeds", type=int, default=15)
     p.add_argument("--pool", type=int, default=30)
     p.add_argument("--data", type=Path, default=Path(__file__).parent / "data" / "pruning_quality")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 from layershap.core.errors import LayershapError
 
 from .options import Device, non_negative, positive
@@ -23,8 +24,8 @@ def oracle(
     out: str,
     text: str = "builtin",
     n_masks: int | None = None,
-    windows: int = 4,
-    seq_len: int = 128,
+    windows: int = CALIBRATION_WINDOWS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
     device: Device = "auto",
     batch_size: int = 4,

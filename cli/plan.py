@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, PLAN_BUDGET
+
 from .options import Device, non_negative, positive
 
 
@@ -20,9 +22,9 @@ def plan(
     text: str = "builtin",
     out: str | None = None,
     remove: list[int] | None = None,
-    plan_budget: int = 88,
-    windows: int = 4,
-    seq_len: int = 128,
+    plan_budget: int = PLAN_BUDGET,
+    windows: int = CALIBRATION_WINDOWS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
     device: Device = "auto",
     batch_size: int = 4,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
+
 from .options import Device, non_negative, positive
 
 
@@ -21,11 +23,11 @@ def run(
     model: str = "gemma-3-270m",
     text: str = "builtin",
     out: str | None = None,
-    n_masks: int = 96,
+    n_masks: int = MAIN_JOB_MASKS,
     sampling: Literal["stratified", "stratified-all"] = "stratified",
     budget: int | None = None,
-    windows: int = 4,
-    seq_len: int = 128,
+    windows: int = CALIBRATION_WINDOWS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
     device: Device = "auto",
     batch_size: int = 4,
@@ -33,7 +35,7 @@ def run(
     members: int = 8,
     hidden: int = 64,
     remove: list[int] | None = None,
-    plan_budget: int = 88,
+    plan_budget: int = PLAN_BUDGET,
     register: bool = True,
     progress: bool = True,
 ) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 from layershap.core.errors import LayershapError
 from layershap.core.masks import unique_rows
 from layershap.sampling.specs import check_mask_spec, parse_mask_spec
@@ -66,8 +67,8 @@ def open_session(
     masks: str,
     out: str | Path,
     n_masks: int | None = None,
-    windows: int = 4,
-    seq_len: int = 128,
+    windows: int = CALIBRATION_WINDOWS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 4,
@@ -123,8 +124,8 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
 
 
 def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, workers: int,
-                       ray_address: str | None = None, n_masks: int | None = None, windows: int = 4,
-                       seq_len: int = 128, seed: int = 0, device: str = "auto", batch_size: int = 4,
+                       ray_address: str | None = None, n_masks: int | None = None,
+                       windows: int = CALIBRATION_WINDOWS, seq_len: int = CALIBRATION_SEQ_LEN, seed: int = 0, device: str = "auto", batch_size: int = 4,
                        cache_mb: int | None = None, device_map: str | None = None, masks_per_call: int = 32,
                        progress: bool = True) -> DatasetStore:
     """:func:`open_session` + ``measure_masks`` on ``workers`` Ray workers (``layershap[ray]``): the workers load

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, PLAN_BUDGET
 from layershap.core.errors import LayershapError
 from layershap.core.jsonio import write_json
 from layershap.core.masks import check_removal_count
@@ -25,7 +26,6 @@ from layershap.pruning.plan import find_plans
 PLANS_FILE = "plans.json"
 FORMAT = "layershap-plans"
 DEPTH_REDUCTIONS = (0.10, 0.20, 0.30)
-DEFAULT_PLAN_BUDGET = 88  # new oracle passes: with 96 stratified masks and 3 validated sets per K, <= 200 in all
 
 
 def default_ks(n_layers: int) -> list[int]:
@@ -41,7 +41,8 @@ def default_ks(n_layers: int) -> list[int]:
 
 
 def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | None = None,
-              budget: int = DEFAULT_PLAN_BUDGET, windows: int = 4, seq_len: int = 128, seed: int = 0,
+              budget: int = PLAN_BUDGET, windows: int = CALIBRATION_WINDOWS, seq_len: int = CALIBRATION_SEQ_LEN,
+              seed: int = 0,
               batch_size: int = 4, cache_mb: int | None = None, top_validate: int = 3,
               progress: bool = True) -> dict:
     """Search, measure and validate plans (:func:`~layershap.pruning.plan.find_plans`) on the session's store;

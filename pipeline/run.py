@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
 from layershap.core.jsonio import write_json, write_text_atomic
 from layershap.oracle.measure import measure_masks
 from layershap.oracle.session import open_session
@@ -28,12 +29,8 @@ from layershap.surrogate.network import DEFAULT_HIDDEN
 from layershap.surrogate.train import train_surrogate
 
 from .active import run_active_sampling
-from .plans import DEFAULT_PLAN_BUDGET, DEPTH_REDUCTIONS, PLANS_FILE, format_plans, run_plans
+from .plans import DEPTH_REDUCTIONS, PLANS_FILE, format_plans, run_plans
 from .scores import score_surrogate
-
-# Oracle passes of the main job on the embedded default (18 layers): 96 stratified masks (full model and
-# leave-one-out included) + at most 88 plan candidates + 3 validated sets for each of K = 1..5 = at most 199.
-DEFAULT_N_MASKS = 96
 
 
 def default_out(model: str) -> Path:
@@ -55,18 +52,18 @@ def run_main_job(
     model: str = "gemma-3-270m",
     text: str = "builtin",
     out: Path | None = None,
-    n_masks: int = DEFAULT_N_MASKS,
+    n_masks: int = MAIN_JOB_MASKS,
     sampling: str = "stratified",
     budget: int | None = None,
-    windows: int = 4,
-    seq_len: int = 128,
+    windows: int = CALIBRATION_WINDOWS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 4,
     cache_mb: int | None = None,
     members: int = 8,
     hidden: int = DEFAULT_HIDDEN,
-    plan_budget: int = DEFAULT_PLAN_BUDGET,
+    plan_budget: int = PLAN_BUDGET,
     remove: list[int] | None = None,
     register: bool = True,
     progress: bool = True,
