@@ -166,8 +166,11 @@ def main() -> None:
     p.add_argument("--plan-budget", type=int, default=PLAN_BUDGET)
     p.add_argument("--quad-seeds", type=int, default=15)
     p.add_argument("--pool", type=int, default=30)
-    p.add_argument("--data", type=Path, default=Path(__file__).parent / "data" / "pruning_quality")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder of the cached stores (default: data/pruning_quality-<windows>x<seq-len>)")
     args = p.parse_args()
+    if args.data is None:
+        args.data = Path(__file__).parent / "data" / f"pruning_quality-{args.windows}x{args.seq_len}"
     started = time.perf_counter()
     ks = [int(k) for k in args.ks.split(",")]
     args.data.mkdir(parents=True, exist_ok=True)
