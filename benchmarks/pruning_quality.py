@@ -1,7 +1,7 @@
 """Pruning quality of layershap's plans against the peers and the brute-force optimum, on held-out text.
 
 For K = 1..5 layers removed from the embedded default (Gemma-3-270M), every method picks its removal set on the
-main job's calibration windows (builtin text = Python's reference documentation, 4 x 128 tokens, seed 0); every
+main job's calibration windows (builtin text = Python's reference documentation, 2 x 256 tokens, seed 0); every
 set is then scored on held-out texts from other domains, never used for calibration or validation: ``gpl3``
 (the GPL-3 licence, legal English), ``vim`` (Vim's user manual, chapters 1-9: an editor's manual) and ``email``
 (the design essay of CPython's email package; added after the plan's choice rule was revised on the first two,
