@@ -11,7 +11,9 @@ of size K, and every set it recommends was measured:
 3. each round: fit the proposal model (default: :class:`~layershap.surrogate.pairwise.PairwiseModel` on the rows
    with at most ``max(ks) + 1`` layers removed), rank every removal set of size K by predicted nll
    (exhaustive up to 200,000 sets, beam search beyond) plus the one-swap neighbours of the best measured set
-   and the best measured (K-1)-set grown by one layer, and measure the best few not measured yet;
+   and the best measured (K-1)-set grown by one layer, and measure the best few not measured yet: every K's
+   best neighbour first, then the ranked sets round-robin over K, so a round the budget cuts short still
+   serves the largest K;
 4. stop when every K's best measured set has stayed the same for ``patience`` rounds, or the pass budget is
    spent; no mask is measured twice (the oracle answers stored rows from the store);
 5. measure the ``top_validate`` best sets of each K on validation windows disjoint from the calibration windows
@@ -228,17 +230,22 @@ def find_plans(
             masks, nll = oracle.rows()
             predict = fit(masks, nll, max_removed)
             by_k, known = _by_k(masks, nll, ks), {removal_set(m) for m in masks}
-            asked: list[tuple[int, ...]] = []
+            local: list[tuple[int, ...]] = []  # per K: the predicted best neighbour of the best measured set
+            ranked: list[list[tuple[int, ...]]] = []  # per K: the best unmeasured sets, best first
             for k in ks:
                 if k == 1:
                     continue  # every single-layer removal is measured
                 fresh = [s for s in ranked_sets(predict, n, k, per_round + len(known)) if s not in known]
-                asked += fresh[:per_round]
+                ranked.append(fresh[:per_round])
                 smaller = by_k[k - 1][0].removed if k - 1 in by_k and by_k[k - 1] else None
                 if by_k[k]:
-                    near = [s for s in neighbours(by_k[k][0].removed, smaller, n) if s not in known and s not in asked]
+                    near = [s for s in neighbours(by_k[k][0].removed, smaller, n)
+                            if s not in known and s not in ranked[-1]]
                     if near:
-                        asked.append(near[int(np.argmin(predict(masks_from_removed(near, n))))])
+                        local.append(near[int(np.argmin(predict(masks_from_removed(near, n))))])
+            # Priority order, so that a round cut short by the budget still serves every K: each K's local step
+            # first, then the ranked sets round-robin over K (best of each K, then second best, ...).
+            asked = local + [s for picks in itertools.zip_longest(*ranked) for s in picks if s is not None]
             added = measure(asked)
             bar.update(added)
             masks, nll = oracle.rows()

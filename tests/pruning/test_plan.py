@@ -77,6 +77,16 @@ def test_never_remeasures_a_stored_mask_and_respects_the_budget():
     assert again.passes <= 5 and len(oracle.measured) == len(set(oracle.measured))
 
 
+def test_a_round_cut_short_by_the_budget_serves_every_k():
+    """With only 3 passes left for a round and K = 2, 3, 4, each K gets one (its local step), not K = 2 all."""
+    full = find_plans(GameOracle(), [2, 3, 4], budget=200, seed=0, progress=False)
+    first_round = full.rounds[0]["passes"]
+    oracle = GameOracle()
+    res = find_plans(oracle, [2, 3, 4], budget=first_round + 3, seed=0, progress=False)
+    assert res.passes == first_round + 3 and res.rounds[-1]["measured"] == 3
+    assert sorted(len(s) for s in oracle.measured[-3:]) == [2, 3, 4]
+
+
 def test_validation_chooses_among_the_best_measured_sets():
     # validation windows that disagree with calibration about the best pair: by more than the calibration gap,
     # the plan follows the pooled nll away from it; by less, the clear calibration winner stays
