@@ -44,7 +44,8 @@ def make_surrogate(root, masks: np.ndarray, members: int) -> str:
     }
     store = DatasetStore.create_or_open(root / "data.zarr", identity, windows)
     store.append(masks, game_nll(masks), np.ones(len(masks)))
-    train_surrogate(root / "data.zarr", root / "surrogate", members=members, seed=0, hidden=32, max_epochs=100,
+    # 64 masks = one batch per epoch: 400 Adam steps let the anchored network fit the game (100 left it halfway)
+    train_surrogate(root / "data.zarr", root / "surrogate", members=members, seed=0, hidden=32, max_epochs=400,
                     lr=3e-3, progress=False)
     return str(root / "surrogate")
 
