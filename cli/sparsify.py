@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from layershap.core.defaults import SPARSIFY_SEQ_LEN, SPARSIFY_WINDOWS
 from layershap.core.errors import LayershapError
 
 from .options import non_negative, positive
@@ -26,8 +27,8 @@ def sparsify(
     method: Literal["wanda", "magnitude"] = "wanda",
     pattern: str = "unstructured",
     text: str = "builtin",
-    windows: int = 4,
-    seq_len: int = 128,
+    windows: int = SPARSIFY_WINDOWS,
+    seq_len: int = SPARSIFY_SEQ_LEN,
     seed: int = 0,
     progress: bool = True,
 ) -> int:
@@ -48,9 +49,9 @@ def sparsify(
         pattern: unstructured, or N:M such as 2:4 (N pruned of every M; a non-uniform allocation then gives
             each layer its own n:M with the same mean, OWL's mixed N:M).
         text: calibration text, as for the oracle: builtin, a .txt/.jsonl file, wikitext2 or c4.
-        windows: calibration windows (the oracle's default: 4).
-        seq_len: tokens per calibration window (the oracle's default: 128).
-        seed: seed of the calibration window positions (the oracle's default: 0, so the same windows).
+        windows: calibration windows (default 4; the oracle's are 2 x 256 tokens by default).
+        seq_len: tokens per calibration window (default 128).
+        seed: seed of the calibration window positions (same text, sizes and seed as an oracle run: same windows).
         progress: show a progress bar over the layers.
     """
     from pathlib import Path

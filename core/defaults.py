@@ -18,3 +18,5 @@ CALIBRATION_WINDOWS = 2  # token windows every mask is measured on
 CALIBRATION_SEQ_LEN = 256  # tokens per window (BOS added when the model has one)
 MAIN_JOB_MASKS = 96  # stratified masks of the main job (full model and every leave-one-out included)
 PLAN_BUDGET = 88  # new calibration passes of the plan search
+SPARSIFY_WINDOWS = 4  # windows of the calibration activations of `layershap sparsify` (Wanda, OWL)
+SPARSIFY_SEQ_LEN = 128  # tokens per such window

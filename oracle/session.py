@@ -125,7 +125,8 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
 
 def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, workers: int,
                        ray_address: str | None = None, n_masks: int | None = None,
-                       windows: int = CALIBRATION_WINDOWS, seq_len: int = CALIBRATION_SEQ_LEN, seed: int = 0, device: str = "auto", batch_size: int = 4,
+                       windows: int = CALIBRATION_WINDOWS, seq_len: int = CALIBRATION_SEQ_LEN, seed: int = 0,
+                       device: str = "auto", batch_size: int = 4,
                        cache_mb: int | None = None, device_map: str | None = None, masks_per_call: int = 32,
                        progress: bool = True) -> DatasetStore:
     """:func:`open_session` + ``measure_masks`` on ``workers`` Ray workers (``layershap[ray]``): the workers load

@@ -42,8 +42,7 @@ def default_ks(n_layers: int) -> list[int]:
 
 def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | None = None,
               budget: int = PLAN_BUDGET, windows: int = CALIBRATION_WINDOWS, seq_len: int = CALIBRATION_SEQ_LEN,
-              seed: int = 0,
-              batch_size: int = 4, cache_mb: int | None = None, top_validate: int = 3,
+              seed: int = 0, batch_size: int = 4, cache_mb: int | None = None, top_validate: int = 3,
               progress: bool = True) -> dict:
     """Search, measure and validate plans (:func:`~layershap.pruning.plan.find_plans`) on the session's store;
     validation rows go to ``out/validation.zarr``; writes and returns the ``plans.json`` document.

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layershap.core.defaults import SPARSIFY_SEQ_LEN, SPARSIFY_WINDOWS
 from layershap.core.errors import LayershapError, UnsupportedModelError
 from layershap.oracle.layers import LAYER_PATHS, find_layers
 from layershap.shapley.scores_io import ScoresRecord
@@ -308,8 +309,8 @@ def sparsify_model(
     method: str = "wanda",
     pattern: str = "unstructured",
     text: str = "builtin",
-    windows: int = 4,
-    seq_len: int = 128,
+    windows: int = SPARSIFY_WINDOWS,
+    seq_len: int = SPARSIFY_SEQ_LEN,
     seed: int = 0,
     progress: bool = True,
 ) -> Sparsified:

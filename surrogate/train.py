@@ -157,7 +157,7 @@ def train_ensemble(
         "training": {"seed": seed, "members": members, "member_seeds": seeds, "max_epochs": max_epochs,
                      "patience": patience, "lr": lr, "weight_decay": weight_decay, "batch_size": dm.batch_size,
                      "loss": "mse on standardized log(nll), weight 1/(1 + removed layers)",
-                     "anchored": dm.full_target is not None, "optimizer": "adam", "runs": runs},
+                     "optimizer": "adam", "runs": runs},
     }
     surrogate = Surrogate(nets, metadata)
     oof_sum = np.zeros(len(dm.nll))
