@@ -34,8 +34,10 @@ from .text import windows_sha256
 MASKS_PER_CALL = 32
 
 
-def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq_len: int) -> dict:
-    """The identity attributes of a store measured with ``loaded`` on ``windows`` cut from text ``text_id``.
+def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq_len: int, *,
+                     game: str = "blocks", utility: str = "nll") -> dict:
+    """The identity attributes of a store measured with ``loaded`` on ``windows`` cut from text ``text_id``
+    (``game``: what a False in a mask removes; ``utility``: what a row measures).
 
     Example:
         >>> ident = dataset_identity(loaded, "builtin", windows, seq_len=128)
@@ -53,6 +55,8 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
         "n_windows": int(windows.shape[0]),
         "seq_len": int(seq_len),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "game": game,
+        "utility": utility,
     }
 
 

@@ -3,7 +3,8 @@
 Layout::
 
     STORE.zarr/            group attributes: schema_version, package_version, identity (model_id, model_hash,
-                           n_layers, layer_types, text_id, windows_sha256, n_windows, seq_len, dtype), n_rows
+                           n_layers, layer_types, text_id, windows_sha256, n_windows, seq_len, dtype, game,
+                           utility), n_rows
         masks   (N, n)     bool, True = layer kept
         nll     (N,)       float64, mean token NLL in nats (log-perplexity)
         seconds (N,)       float64, wall-clock seconds the measurement took
@@ -45,14 +46,20 @@ SCHEMA_VERSION = 1
 ROWS_ATTR = "n_rows"
 IDENTITY_KEYS = (
     "model_id", "model_hash", "n_layers", "layer_types", "text_id", "windows_sha256", "n_windows", "seq_len", "dtype",
+    "game", "utility",
 )
+# What a mask means (``game``: which players a False removes, e.g. whole blocks) and what a row measures
+# (``utility``: mean token NLL, or another). Stores written before these keys existed are blocks / nll; keys at
+# their defaults are left out of the content hash, so such stores keep the hash their surrogates recorded.
+GAME_DEFAULTS = {"game": "blocks", "utility": "nll"}
 # Keys that must agree for two runs to share a store. model_id may differ (same weights under another path);
 # dtype is checked because float32 and bfloat16 measurements must never be mixed silently.
-MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype")
+MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype", *GAME_DEFAULTS)
 ROW_CHUNK = 512
 
 
 def _check_identity(identity: dict) -> dict:
+    identity = {**GAME_DEFAULTS, **identity}
     missing = [k for k in IDENTITY_KEYS if k not in identity]
     if missing:
         raise ValueError(f"store identity lacks keys {missing}; it needs all of {list(IDENTITY_KEYS)}")
@@ -95,7 +102,7 @@ class DatasetStore:
                 f"{SCHEMA_VERSION}; use the layershap version that wrote it ({attrs.get('package_version')}) "
                 f"or another --out path"
             )
-        self._attrs = attrs
+        self._attrs = {**GAME_DEFAULTS, **attrs}
         self.n_layers = int(attrs["n_layers"])
         n_rows = int(attrs[ROWS_ATTR])
         try:
@@ -179,8 +186,8 @@ class DatasetStore:
     def check_identity(self, identity: dict) -> None:
         """Raise :class:`StoreMismatchError` (naming both values) where ``identity`` disagrees with the store.
 
-        Compares the keys of ``identity`` among model_hash, text_id, windows_sha256, n_layers, dtype,
-        n_windows and seq_len; a partial identity allows a cheap check before the model is loaded.
+        Compares the keys of ``identity`` among model_hash, text_id, windows_sha256, n_layers, dtype, game,
+        utility, n_windows and seq_len; a partial identity allows a cheap check before the model is loaded.
 
         Example:
             >>> store.check_identity({"text_id": "builtin", "seq_len": 128})
@@ -252,7 +259,8 @@ class DatasetStore:
         if not 0 <= n <= len(self._nll):
             raise LayershapError(f"{self.path} has {len(self._nll)} rows; cannot hash the first {rows}")
         h = hashlib.sha256()
-        h.update(json.dumps(self.identity, sort_keys=True).encode())
+        hashed = {k: v for k, v in self.identity.items() if GAME_DEFAULTS.get(k, object()) != v}
+        h.update(json.dumps(hashed, sort_keys=True).encode())
         h.update(np.ascontiguousarray(self._masks[:n], dtype=np.uint8).tobytes())
         h.update(np.ascontiguousarray(self._nll[:n], dtype="<f8").tobytes())
         return h.hexdigest()

@@ -220,3 +220,42 @@ def test_content_hash_of_a_prefix_survives_appends(tmp_path):
     assert store.content_hash(rows=2) == before
     with pytest.raises(LayershapError):
         store.content_hash(rows=4)
+
+
+def test_game_and_utility_are_part_of_the_identity(tmp_path):
+    """A store of one game or utility refuses rows of another; nothing is written."""
+    import pytest
+
+    from layershap.core.errors import StoreMismatchError
+
+    store = DatasetStore.create_or_open(tmp_path / "g.zarr", make_identity(), make_windows())
+    store.append(random_masks(1), [1.0], [0.1])
+    assert (store.attrs["game"], store.attrs["utility"]) == ("blocks", "nll")
+    for key, value in (("game", "sublayers"), ("utility", "kl")):
+        with pytest.raises(StoreMismatchError, match=key):
+            DatasetStore.create_or_open(tmp_path / "g.zarr", {**make_identity(), key: value}, make_windows())
+    assert len(DatasetStore.open(tmp_path / "g.zarr")) == 1
+
+
+def test_a_store_written_before_the_game_keys_reads_as_blocks_nll_with_its_old_hash(tmp_path):
+    """Stores without ``game``/``utility`` attributes are whole-block NLL stores; their content hash is the
+    formula without those keys (what surrogates trained on them recorded)."""
+    import zarr
+
+    masks = random_masks(2)
+    legacy = {k: v for k, v in make_identity().items() if k not in ("game", "utility")}
+    store = DatasetStore.create_or_open(tmp_path / "old.zarr", make_identity(), make_windows())
+    store.append(masks, [1.0, 2.0], [0.1, 0.2])
+    group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+")
+    attrs = dict(group.attrs)
+    for key in ("game", "utility"):
+        attrs.pop(key, None)
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    old = DatasetStore.open(tmp_path / "old.zarr")
+    assert old.identity["game"] == "blocks" and old.identity["utility"] == "nll"
+    h = hashlib.sha256()
+    h.update(json.dumps(legacy, sort_keys=True).encode())
+    h.update(masks.astype(np.uint8).tobytes())
+    h.update(np.array([1.0, 2.0], "<f8").tobytes())
+    assert old.content_hash() == h.hexdigest()
