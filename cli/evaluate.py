@@ -29,13 +29,15 @@ def evaluate(
             hub id.
         text: held-out text: wikitext2 (test split; needs `datasets` and the hub), a .txt/.jsonl path, c4 or
             builtin.
-        seq_len: tokens per window, BOS not counted (default 512 on CPU, 2048 on CUDA).
+        seq_len: tokens per window, BOS not counted (default 512 on CPU, 2048 on CUDA, shortened to the model's
+            position limit).
         windows: number of consecutive windows from the start of the text, or all.
         device: auto = CUDA when available, else CPU.
         batch_size: windows per forward pass (default 1 on CPU, 8 on CUDA).
         json: also write the result to this JSON file.
     """
     from layershap.core.jsonio import write_json
+    from layershap.oracle.evaluate import fit_seq_len
     from layershap.oracle.heldout import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, evaluate_perplexity
     from layershap.oracle.loading import load_model
 
@@ -44,7 +46,7 @@ def evaluate(
     n_windows = None if windows == "all" else positive("windows", windows)
     loaded = load_model(model, device=device)
     kind = "cuda" if loaded.device.type == "cuda" else "cpu"
-    seq_len = seq_len or DEFAULT_SEQ_LEN[kind]
+    seq_len = seq_len or fit_seq_len(loaded.model, loaded.tokenizer, DEFAULT_SEQ_LEN[kind])
     result = evaluate_perplexity(loaded, text, seq_len, n_windows, batch_size or DEFAULT_BATCH_SIZE[kind])
     print(f"model      {result['model_id']} ({result['n_layers']} layers)")
     print(f"text       {result['text_id']}: {result['n_windows']} windows x {seq_len} tokens (+BOS), "

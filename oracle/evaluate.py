@@ -54,6 +54,33 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The most token positions ``model`` can attend over (its text config's ``max_position_embeddings``; GPT-2's
+    ``n_positions``), or None when the config names no limit.
+
+    Example:
+        >>> position_limit(AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024)))
+        1024
+    """
+    limit = getattr(_text_config(model), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def fit_seq_len(model: nn.Module, tokenizer, seq_len: int) -> int:
+    """``seq_len`` shortened, where needed, so that a window plus its BOS token fits the model's position limit
+    (for default window lengths; a length the user asked for is checked by :class:`MaskedEvaluator` instead).
+
+    Example:
+        >>> fit_seq_len(gpt2_model, gpt2_tokenizer, 2048)   # n_positions = 1024, BOS prepended
+        1023
+    """
+    limit = position_limit(model)
+    if limit is None:
+        return seq_len
+    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
+    return max(1, min(seq_len, limit - bos))
+
+
 def token_nll_sum(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk_tokens: int
 ) -> torch.Tensor:
@@ -156,6 +183,13 @@ class MaskedEvaluator:
             )
         if batch_size < 1:
             raise LayershapError(f"batch size must be >= 1, got {batch_size}")
+        limit = position_limit(model)
+        if limit is not None and self.windows.shape[1] > limit:
+            raise LayershapError(
+                f"windows of {self.windows.shape[1]} tokens (BOS included) exceed the {limit} positions this model "
+                f"can attend over (max_position_embeddings); use a window length (--seq-len / --eval-seq-len) of at "
+                f"most {limit - 1} tokens"
+            )
         for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
             if value is not None and value < 1:
                 raise LayershapError(f"{name} must be >= 1 (or None for the default), got {value}")

@@ -34,7 +34,7 @@ import numpy as np
 from layershap.core.errors import LayershapError
 from layershap.core.jsonio import jsonable, write_json
 from layershap.core.masks import check_removal_count
-from layershap.oracle.evaluate import MaskedEvaluator
+from layershap.oracle.evaluate import MaskedEvaluator, fit_seq_len
 from layershap.oracle.identity import check_same_model
 from layershap.oracle.loading import LoadedModel, load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity, measure_masks
@@ -103,13 +103,19 @@ class LayershapSurrogate:
     extra: dict = field(default_factory=dict)
 
 
-def _sizes(cfg: CompareConfig, kind: str) -> dict[str, int | None]:
+def _sizes(cfg: CompareConfig, kind: str, loaded: LoadedModel) -> dict[str, int | None]:
+    """Window counts and lengths: the config's, else the device defaults shortened to the model's position
+    limit (a length the user gave is checked by the evaluator instead)."""
     d = DEFAULTS[kind]
+
+    def fit(value: int) -> int:
+        return fit_seq_len(loaded.model, loaded.tokenizer, value)
+
     return {
         "windows": cfg.windows or d["windows"],
-        "seq_len": cfg.seq_len or d["seq_len"],
+        "seq_len": cfg.seq_len or fit(d["seq_len"]),
         "eval_windows": None if cfg.eval_all_windows else (cfg.eval_windows or d["eval_windows"]),
-        "eval_seq_len": cfg.eval_seq_len or d["eval_seq_len"],
+        "eval_seq_len": cfg.eval_seq_len or fit(d["eval_seq_len"]),
         "batch_size": cfg.batch_size or d["batch_size"],
         "n_masks": cfg.n_masks or d["n_masks"],
     }
@@ -218,7 +224,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     check_texts_differ(calib, evaluation)
     loaded = load_model(cfg.model, device=cfg.device)
     kind = "cuda" if loaded.device.type == "cuda" else "cpu"
-    sz = _sizes(cfg, kind)
+    sz = _sizes(cfg, kind, loaded)
     model, tok = loaded.model, loaded.tokenizer
     windows = make_windows(tok, calib.text, sz["windows"], sz["seq_len"], seed=cfg.seed)
     ev_windows = eval_windows(tok, evaluation.text, sz["eval_seq_len"], sz["eval_windows"])
