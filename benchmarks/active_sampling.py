@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if masks is not None:
             todo = masks[store.missing(masks)]
             if len(todo):
-                store.append(todo, oracle.nll(todo), np.zeros(len(todo)))
+                store.append(todo, oracle.loss(todo), np.zeros(len(todo)))
         return path
 
     print(f"{loaded.model_id}: {n} layers; {args.windows} x {args.seq_len} tokens of {text.text_id}")

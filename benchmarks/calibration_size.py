@@ -91,7 +91,7 @@ def main() -> None:
         text = dev_text(name)
         ew = eval_windows(tok, text.text, args.dev_seq_len, args.dev_windows)
         oracle = oracle_on(loaded, ew, text.text_id, args.dev_seq_len, args.data / f"dev-{name}.zarr", f"dev {name}")
-        dev[name] = dict(zip(everything, oracle.nll(masks_from_removed(everything, n))))
+        dev[name] = dict(zip(everything, oracle.loss(masks_from_removed(everything, n))))
 
     report = {"model_id": loaded.model_id, "dev": {k: DEV[k][1] for k in dev}, "rows": []}
     header = (f"{'config':<16} {'cost':>5} {'K':>2} {'calib optimum':<14} {'calib ppl':>9}"
@@ -104,7 +104,7 @@ def main() -> None:
         windows = make_windows(tok, calib.text, w, L, args.seed)
         path = args.data / f"{loaded.model_id}-{text_spec}-{w}x{L}-k2.zarr"
         cal_oracle = oracle_on(loaded, windows, calib.text_id, L, path, f"calibration {spec}")
-        cal = dict(zip(everything, cal_oracle.nll(masks_from_removed(everything, n))))
+        cal = dict(zip(everything, cal_oracle.loss(masks_from_removed(everything, n))))
         cost = w * L / 512
         for k in (1, 2):
             order = sorted(sets[k], key=lambda s: cal[s])

@@ -92,15 +92,16 @@ def build_from_config(path: str, device: torch.device, dtype: torch.dtype, seed:
 
 
 class CountingEvaluator:
-    """Passes ``nll`` calls to a MaskedEvaluator and adds up its prefix-sharing statistics over the calls."""
+    """Passes ``measure`` calls to a MaskedEvaluator and adds up its prefix-sharing statistics over the calls."""
 
     def __init__(self, evaluator) -> None:
         self.evaluator = evaluator
         self.n_layers = evaluator.n_layers
+        self.utility = evaluator.utility
         self.stats = {"layer_runs": 0, "plain_layer_runs": 0, "slots": 0, "peak_cache_bytes": 0}
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
-        values = self.evaluator.nll(masks)
+    def measure(self, masks: np.ndarray):
+        values = self.evaluator.measure(masks)
         last = self.evaluator.last_stats
         for key in ("layer_runs", "plain_layer_runs"):
             self.stats[key] += last[key]

@@ -32,9 +32,9 @@ class TimedOracle:
     def __init__(self, base: CachedOracle) -> None:
         self.base, self.n_layers, self.seconds = base, base.n_layers, 0.0
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
+    def loss(self, masks: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
-        out = self.base.nll(masks)
+        out = self.base.loss(masks)
         self.seconds += time.perf_counter() - t
         return out
 
@@ -42,7 +42,7 @@ class TimedOracle:
         return self.base.rows()
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        return -self.nll(masks)
+        return -self.loss(masks)
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     greedy = sleb(sleb_oracle, n, ks[-1], progress=False)
     print(f"{'K':>3}  {'plan nll':>9}  {'SLEB nll':>9}  {'SLEB passes':>11}")
     for k in ks:
-        sleb_nll = float(sleb_oracle.nll(masks_from_removed([greedy.removal(k)], n))[0])
+        sleb_nll = float(sleb_oracle.loss(masks_from_removed([greedy.removal(k)], n))[0])
         print(f"{k:>3}  {res.plans[k].nll:>9.4f}  {sleb_nll:>9.4f}  {greedy.passes[k - 1]:>11}")
     print(f"SLEB to K = {ks[-1]}: {greedy.passes[-1]} passes; plans for every K: {res.passes} passes")
 

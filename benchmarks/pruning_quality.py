@@ -83,13 +83,13 @@ class CountingOracle:
         self.base, self.n_layers = base, base.n_layers
         self.asked: dict[tuple[int, ...], float] = {}
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
-        vals = self.base.nll(masks)
+    def loss(self, masks: np.ndarray) -> np.ndarray:
+        vals = self.base.loss(masks)
         self.asked.update({removal_set(m): float(v) for m, v in zip(np.asarray(masks, bool), vals)})
         return vals
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        return -self.nll(masks)
+        return -self.loss(masks)
 
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         sets = list(self.asked)
@@ -104,18 +104,18 @@ def oracle_on(loaded, windows: np.ndarray, text_id: str, seq_len: int, path: Pat
 
 def brute_force(cal: CachedOracle, n: int, quad_seeds: int) -> dict[int, dict]:
     """Calibration optimum per K (see the module docstring); returns {K: {"sets": [...], "nll": [...], "scope"}}."""
-    loo = cal.nll(masks_from_removed([(i,) for i in range(n)], n))
-    full = float(cal.nll(np.ones((1, n), bool))[0])
+    loo = cal.loss(masks_from_removed([(i,) for i in range(n)], n))
+    full = float(cal.loss(np.ones((1, n), bool))[0])
     pool = [i for i in range(n) if math.exp(loo[i]) < 1000]
     out = {1: {"sets": [(i,) for i in range(n)], "scope": "all"}}
     out[2] = {"sets": list(itertools.combinations(range(n), 2)), "scope": "all"}
     out[3] = {"sets": list(itertools.combinations(pool, 3)),
               "scope": f"the {len(pool)} layers with leave-one-out perplexity < 1,000"}
     for k in (1, 2, 3):
-        out[k]["nll"] = cal.nll(masks_from_removed(out[k]["sets"], n))
+        out[k]["nll"] = cal.loss(masks_from_removed(out[k]["sets"], n))
     best3 = [out[3]["sets"][i] for i in np.argsort(out[3]["nll"], kind="stable")[:quad_seeds]]
     quads = sorted({tuple(sorted((*t, j))) for t in best3 for j in pool if j not in t})
-    out[4] = {"sets": quads, "nll": cal.nll(masks_from_removed(quads, n)),
+    out[4] = {"sets": quads, "nll": cal.loss(masks_from_removed(quads, n)),
               "scope": f"supersets of the {quad_seeds} best triples ({len(quads)} sets; restricted)"}
     out["full"] = full
     return out
@@ -124,7 +124,7 @@ def brute_force(cal: CachedOracle, n: int, quad_seeds: int) -> dict[int, dict]:
 def layershap_methods(cal: CachedOracle, val: CachedOracle, n: int, ks: list[int], args) -> dict:
     """The main job's choices: plans (oracle in the loop) and the lowest-score sets of its surrogate."""
     fresh = CountingOracle(cal)
-    fresh.nll(parse_mask_spec("stratified", n, args.n_masks, args.seed))
+    fresh.loss(parse_mask_spec("stratified", n, args.n_masks, args.seed))
     res = find_plans(fresh, ks, budget=args.plan_budget, validation=val.nll, seed=args.seed, progress=True)
     masks, nll = fresh.rows()
     dm = MaskDataModule(masks, nll, folds=8, seed=args.seed)
@@ -145,7 +145,7 @@ def layershap_methods(cal: CachedOracle, val: CachedOracle, n: int, ks: list[int
     full_mask = np.ones((1, n), bool)
     fidelity = {"oof_spearman_1_5": float(spearmanr(oof["measured"][regime], oof["predicted"][regime]).statistic),
                 "rows_1_5": int(regime.sum()),
-                "full_error_nats": float(sur.predict_nll(full_mask)[0] - cal.nll(full_mask)[0]),
+                "full_error_nats": float(sur.predict_nll(full_mask)[0] - cal.loss(full_mask)[0]),
                 "by_removed": meta["metrics"]["by_removed"], "overall": meta["metrics"]["overall"]}
     return {"methods": methods, "validation_passes": res.validation_passes, "plan": res.to_dict(),
             "index": base.index, "surrogate": fidelity, "rows": len(fresh.asked)}
@@ -216,7 +216,7 @@ def main() -> None:
         pool = {brute[k]["sets"][i] for i in order} | {m[k][0] for m in methods.values() if k in m}
         pool = sorted(pool)
         for name in texts:
-            vals = held[name].nll(masks_from_removed(pool, n))
+            vals = held[name].loss(masks_from_removed(pool, n))
             i = int(np.argmin(vals))
             ho_opt[name][k] = (pool[i], float(vals[i]))
 
@@ -229,8 +229,8 @@ def main() -> None:
         rows = [(OPT, opt[k][0], 0)] if k in opt else []
         rows += [(name, methods[name][k][0], methods[name][k][1]) for name in methods if k in methods[name]]
         sets = [r[1] for r in rows]
-        cal_nll = cal.nll(masks_from_removed(sets, n))
-        ho_nll = {name: held[name].nll(masks_from_removed(sets, n)) for name in texts}
+        cal_nll = cal.loss(masks_from_removed(sets, n))
+        ho_nll = {name: held[name].loss(masks_from_removed(sets, n)) for name in texts}
         best_peer = {name: min(v for (m, _, _), v in zip(rows, ho_nll[name]) if m in PEERS) for name in texts}
         for j, (method, removed, passes) in enumerate(rows):
             line = f"{k:>2} {method:<26} {list(removed)!s:<18} {math.exp(cal_nll[j]):>9.2f} "

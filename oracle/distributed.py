@@ -37,6 +37,7 @@ import numpy as np
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_masks
 
+from .evaluate import Measurement
 from .loading import require_package
 from .measure import MASKS_PER_CALL, measure_masks, trie_groups
 from .ray_worker import MaskWorker
@@ -134,6 +135,8 @@ class RayOracle:
         self._eval_args = (batch_size, cache_mb)
         self._windows: tuple | None = None  # (windows object ref, identity) once given
         self.n_layers: int | None = None
+        self.utility = "nll"  # set, with n_windows, by use_windows
+        self.n_windows = 0
         self._actor_class = ray.remote(MaskWorker).options(
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0)
         self.actors: list = [None] * workers
@@ -169,6 +172,8 @@ class RayOracle:
             raise ValueError("the workers already have their windows; start a new RayOracle for other windows")
         self._windows = (self._ray.put(np.asarray(windows, dtype=np.int64)), dict(identity))
         self.n_layers = int(identity["n_layers"])
+        self.utility = str(identity.get("utility", "nll"))
+        self.n_windows = int(np.asarray(windows).shape[0])
         for slot, actor in enumerate(self.actors):
             self._pending[actor.use_windows.remote(*self._windows, *self._eval_args)] = (slot, WINDOWS)
 
@@ -215,8 +220,9 @@ class RayOracle:
         return [job for job in lost if isinstance(job, int)]
 
     def run_groups(self, groups: list[np.ndarray],
-                   on_group: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> None:
-        """Measure ``groups`` on the workers; ``on_group(masks, nll, seconds)`` runs here for each finished one.
+                   on_group: Callable[[np.ndarray, Measurement, np.ndarray], None]) -> None:
+        """Measure ``groups`` on the workers; ``on_group(masks, measurement, seconds)`` runs here for each
+        finished one.
 
         Called by :func:`~layershap.oracle.measure.measure_in_groups`; the groups finish in any order.
         """
@@ -254,9 +260,9 @@ class RayOracle:
                 elif job == WINDOWS:
                     self._busy[slot] = 0
                 else:
-                    values, seconds = result
+                    measured, seconds = result
                     self._busy[slot] -= 1
-                    on_group(groups[job], values, np.full(len(values), seconds / len(values)))
+                    on_group(groups[job], measured, np.full(len(groups[job]), seconds / len(groups[job])))
                     left -= 1
                 self._feed(slot, queue, groups)
         finally:  # groups still out after an error are forgotten; their workers finish them unheard
@@ -265,7 +271,7 @@ class RayOracle:
     def _feed(self, slot: int, queue: deque, groups: list[np.ndarray]) -> None:
         while queue and self._busy[slot] < PREFETCH:
             job = queue.popleft()
-            self._pending[self.actors[slot].nll.remote(groups[job])] = (slot, job)
+            self._pending[self.actors[slot].measure.remote(groups[job])] = (slot, job)
             self._busy[slot] += 1
 
     def _replace(self, slot: int) -> None:
@@ -279,26 +285,26 @@ class RayOracle:
         self.where.pop(slot, None)
         self._start(slot)
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
-        """Mean NLL of each mask, ``float64[k]``, measured on the workers (nothing is stored).
+    def loss(self, masks: np.ndarray) -> np.ndarray:
+        """The utility's mean loss of each mask, ``float64[k]``, measured on the workers (nothing is stored).
 
         Example:
-            >>> pool.nll(np.ones((1, pool.n_layers), bool))
+            >>> pool.loss(np.ones((1, pool.n_layers), bool))
         """
         if self.n_layers is None:
             raise ValueError("give the workers their windows first: use_windows(...) or windows_for(...)")
         arr = check_masks(masks, self.n_layers)
         found: dict[bytes, float] = {}
 
-        def keep(group: np.ndarray, values: np.ndarray, _seconds: np.ndarray) -> None:
-            found.update({row.tobytes(): float(v) for row, v in zip(group, values)})
+        def keep(group: np.ndarray, measured: Measurement, _seconds: np.ndarray) -> None:
+            found.update({row.tobytes(): float(v) for row, v in zip(group, measured.loss(self.utility))})
 
         self.run_groups(trie_groups(arr, MASKS_PER_CALL), keep)
         return np.array([found[row.tobytes()] for row in arr], dtype=np.float64)
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        """Value function: ``-nll``."""
-        return -self.nll(masks)
+        """Value function: ``-loss``."""
+        return -self.loss(masks)
 
 
 def measure_masks_distributed(model_spec: str, store, masks: np.ndarray, *, workers: int,

@@ -8,17 +8,23 @@ Fast path, same numbers as a plain Hugging Face forward with ``labels=`` per mas
 - **no full logits**: the loss is computed in (token x vocabulary) tiles straight from the final hidden states
   (output head, optional logit soft-capping, online log-sum-exp over vocabulary chunks, target-logit gather), so
   the (tokens x vocabulary) logits tensor is never built; each head weight chunk is read once per token chunk;
-- **no host synchronisation per mask**: sums stay on the device; one ``.cpu()`` per :meth:`MaskedEvaluator.nll`.
+- **no host synchronisation per mask**: sums stay on the device; one ``.cpu()`` per :meth:`MaskedEvaluator.measure`;
+- **per-window values** (:class:`Measurement`), so a comparison of two masks can be paired window by window;
+- the **KL utility** (``utility="kl"``): divergence to the dense model's next-token distributions, from the same
+  head pass (:mod:`.head_loss`).
 
 Example:
     >>> ev = MaskedEvaluator(model, windows)          # windows: int64[W, L], BOS already prepended
     >>> ev.nll(np.ones((1, ev.n_layers), bool))       # float64[1], nats per predicted token
-    >>> ev(masks)                                     # value function: -nll, higher = better
+    >>> ev.measure(masks).nll.shape                   # (k, W): per-window means
+    >>> MaskedEvaluator(model, windows, utility="kl").loss(masks)   # mean KL to the dense model, nats/token
+    >>> ev(masks)                                     # value function: -loss, higher = better
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ from torch import nn
 from layershap.core.errors import LayershapError, NonFiniteLossError
 from layershap.core.masks import check_masks
 
+from .head_loss import HeadPass, KLReference, logits_at, tiled_head_pass, token_kl
 from .layers import _text_config, find_layers, skip_layers
 from .prefix import PrefixRunner, plan_prefix_runs
 
@@ -81,84 +88,70 @@ def fit_seq_len(model: nn.Module, tokenizer, seq_len: int) -> int:
     return max(1, min(seq_len, limit - bos))
 
 
-def token_nll_sum(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk_tokens: int
-) -> torch.Tensor:
-    """Sum over tokens of -log p(target), from hidden states ``[T, H]`` and targets ``[T]``, in token chunks.
-
-    Works with any head module (it is called on each chunk).
+def token_nll_generic(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                      chunk_tokens: int) -> torch.Tensor:
+    """Per-token -log p(target), ``float32[T]``, for any head module (called on token chunks; full logits each).
 
     Example:
-        >>> token_nll_sum(model.lm_head, hidden, targets, None, 128)   # float64 scalar tensor
+        >>> token_nll_generic(model.lm_head, hidden, targets, None, 128)   # float32[T]
     """
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = head(hidden[start : start + chunk_tokens]).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         tgt = targets[start : start + chunk_tokens]
-        picked = logits.gather(1, tgt[:, None])[:, 0]
-        total += (torch.logsumexp(logits, dim=1) - picked).sum(dtype=torch.float64)
-    return total
+        out[start : start + logits.shape[0]] = torch.logsumexp(logits, dim=1) - logits.gather(1, tgt[:, None])[:, 0]
+    return out
 
 
-def tiled_token_nll(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float | None,
-    token_chunk: int,
-    vocab_chunk: int,
-) -> torch.Tensor:
-    """Per-token -log p(target), ``float32[T]``, for a linear head ``logits = hidden @ weight.T + bias``, in tiles.
+UTILITIES = ("nll", "kl")
+DEFAULT_TOP_K = 512  # dense next-token log-probabilities kept per token for the KL utility
 
-    Tiles are at most ``token_chunk x vocab_chunk`` logits (token chunks are evened out, since each one streams
-    the whole head weight); log-sum-exp runs online over the vocabulary chunks (running max and rescaled sum in
-    float32) and the target logit is gathered from the tile that holds it, so each logit is computed exactly
-    once, as in the full-logits path.
+
+@dataclass(frozen=True)
+class Measurement:
+    """Per-window mean token losses of ``k`` masks: ``nll`` float64[k, W] and, for the KL utility, ``kl`` (KL of
+    the dense model's next-token distribution to the masked model's) float64[k, W]. Windows are equally long, so
+    a mask's value is the mean over its windows.
 
     Example:
-        >>> tiled_token_nll(model.lm_head.weight, None, hidden, targets, None, 512, 4096)   # float32[T]
+        >>> m = evaluator.measure(masks); m.loss("nll"), m.window_loss("kl").shape
     """
-    vocab = weight.shape[0]
-    n_tokens = hidden.shape[0]
-    out = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-    n_chunks = max(1, -(-n_tokens // token_chunk))
-    token_chunk = max(1, -(-n_tokens // n_chunks))
-    for t0 in range(0, n_tokens, token_chunk):
-        h = hidden[t0 : t0 + token_chunk]
-        tgt = targets[t0 : t0 + token_chunk]
-        run_max = torch.full((h.shape[0],), -torch.inf, dtype=torch.float32, device=h.device)
-        run_sum = torch.zeros((h.shape[0],), dtype=torch.float32, device=h.device)
-        picked = torch.zeros((h.shape[0],), dtype=torch.float32, device=h.device)
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(v0 + vocab_chunk, vocab)
-            logits = nn.functional.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
-            if softcap is not None:
-                logits.div_(softcap).tanh_().mul_(softcap)
-            local = tgt - v0
-            inside = (local >= 0) & (local < v1 - v0)
-            got = logits.gather(1, local.clamp(0, v1 - v0 - 1)[:, None])[:, 0]
-            picked += torch.where(inside, got, torch.zeros_like(got))
-            new_max = torch.maximum(run_max, logits.amax(dim=1))
-            run_sum.mul_(torch.exp(run_max - new_max))
-            run_sum += logits.sub_(new_max[:, None]).exp_().sum(dim=1)
-            run_max = new_max
-        out[t0 : t0 + h.shape[0]] = run_max + torch.log(run_sum) - picked
-    return out
+
+    nll: np.ndarray
+    kl: np.ndarray | None = None
+
+    def window_loss(self, utility: str) -> np.ndarray:
+        """``float64[k, W]``: the utility's per-window values."""
+        values = self.nll if utility == "nll" else self.kl
+        if values is None:
+            raise LayershapError(f"this measurement has no {utility!r} values; measure with utility={utility!r}")
+        return values
+
+    def loss(self, utility: str) -> np.ndarray:
+        """``float64[k]``: the utility's mean over the windows."""
+        return self.window_loss(utility).mean(axis=1)
+
+    def take(self, rows: np.ndarray) -> Measurement:
+        """The measurement of the masks at ``rows``."""
+        return Measurement(self.nll[rows], None if self.kl is None else self.kl[rows])
 
 
 class MaskedEvaluator:
     """Evaluates layer masks of one model on fixed token windows (common random numbers for all masks).
 
+    ``utility``: ``nll`` (mean token NLL of the text) or ``kl`` (mean token KL divergence of the dense model's
+    next-token distribution to the masked model's, the dense one kept as its ``top_k`` log-probabilities plus the
+    rest: :mod:`.head_loss`); both are measured per window (:meth:`measure`), and the NLL always comes along.
+
     Keyword options (defaults suit CPU float32 and CUDA bfloat16 alike):
-        prefix_sharing: share hidden states of common kept-layer prefixes within one :meth:`nll` call.
+        prefix_sharing: share hidden states of common kept-layer prefixes within one :meth:`measure` call.
         cache_mb: prefix-cache budget in MiB (default 512 on CPU, 2048 on CUDA); 0 disables caching.
         token_chunk / vocab_chunk: loss tile size (tokens x vocabulary entries); ``vocab_chunk=None`` with
-            ``token_chunk`` set gives the generic token-chunk path.
+            ``token_chunk`` set gives the generic token-chunk path (NLL only).
 
-    ``last_stats`` after each :meth:`nll`: layer forwards run and those a plain path would run (per window
+    ``last_stats`` after each :meth:`measure`: layer forwards run and those a plain path would run (per window
     batch), cache slots and peak cache bytes.
     """
 
@@ -169,6 +162,8 @@ class MaskedEvaluator:
         batch_size: int = 4,
         device: torch.device | str | None = None,
         *,
+        utility: str = "nll",
+        top_k: int = DEFAULT_TOP_K,
         prefix_sharing: bool = True,
         cache_mb: float | None = None,
         token_chunk: int | None = None,
@@ -195,6 +190,8 @@ class MaskedEvaluator:
                 raise LayershapError(f"{name} must be >= 1 (or None for the default), got {value}")
         if cache_mb is not None and cache_mb < 0:
             raise LayershapError(f"cache_mb must be >= 0 (0 disables the prefix cache), got {cache_mb}")
+        if utility not in UTILITIES:
+            raise LayershapError(f"unknown utility {utility!r}; use one of {', '.join(UTILITIES)}")
         self.batch_size = batch_size
         self.n_layers = find_layers(model).n_layers
         self.backbone = model.base_model
@@ -211,94 +208,151 @@ class MaskedEvaluator:
         self.linear_head = isinstance(self.head, nn.Linear) and not (token_chunk is not None and vocab_chunk is None)
         self.vocab_chunk = min(vocab, vocab_chunk or VOCAB_CHUNK[kind]) if self.linear_head else vocab
         self.token_chunk = token_chunk or max(1, TILE_ELEMENTS[kind] // self.vocab_chunk)
-        self.n_tokens = self.windows.shape[0] * (self.windows.shape[1] - 1)
+        self.utility = utility
+        if utility == "kl":
+            if not self.linear_head:
+                raise LayershapError("the kl utility needs the model's linear output head and the tiled loss path; "
+                                     "leave token_chunk/vocab_chunk at their defaults")
+            if not 1 <= top_k <= vocab:
+                raise LayershapError(f"top_k must be in 1..{vocab} (the vocabulary), got {top_k}")
+        self.top_k = int(top_k)
+        self.n_windows = int(self.windows.shape[0])
+        self.n_tokens = self.n_windows * (self.windows.shape[1] - 1)
         self._ids = self.windows.to(self.device)  # moved once; batches are views
         layer_param = next(find_layers(model).layers[0].parameters(), None)
         itemsize = (layer_param.dtype if layer_param is not None else torch.float32).itemsize
         self.slot_bytes = min(batch_size, self.windows.shape[0]) * self.windows.shape[1] * config.hidden_size * itemsize
+        self._reference: list[KLReference] | None = None  # per window batch, built on the first KL measurement
         self.last_stats: dict[str, int] = {}
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        for start in range(0, self._ids.shape[0], self.batch_size):
-            yield self._ids[start : start + self.batch_size]
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for b, start in enumerate(range(0, self._ids.shape[0], self.batch_size)):
+            yield b, self._ids[start : start + self.batch_size]
 
-    def _loss_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _flat(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final states of the predicting positions ``[B*(L-1), H]`` and their targets, on the head's device."""
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.head_device)
-        targets = ids[:, 1:].reshape(-1).to(self.head_device)
-        if self.linear_head:
-            total = tiled_token_nll(self.head.weight, self.head.bias, flat, targets, self.softcap,
-                                    self.token_chunk, self.vocab_chunk).sum(dtype=torch.float64)
-        else:
-            total = token_nll_sum(self.head, flat, targets, self.softcap, self.token_chunk)
-        return total.to(self.device)
+        return flat, ids[:, 1:].reshape(-1).to(self.head_device)
 
-    def _nll_plain(self, arr: np.ndarray) -> torch.Tensor:
-        totals = torch.zeros(len(arr), dtype=torch.float64, device=self.device)
+    def reference(self) -> list[KLReference]:
+        """The dense model's top-k next-token distributions per window batch (one full-model pass, kept)."""
+        if self._reference is None:
+            refs = []
+            for _, ids in self._batches():
+                flat, targets = self._flat(self.backbone(input_ids=ids, use_cache=False).last_hidden_state, ids)
+                dense = tiled_head_pass(self.head.weight, self.head.bias, flat, targets, self.softcap,
+                                        self.token_chunk, self.vocab_chunk, top_k=self.top_k)
+                refs.append(KLReference.from_dense(self.head.weight, self.head.bias, flat, dense, self.softcap))
+            self._reference = refs
+        return self._reference
+
+    def _token_losses(self, flat: torch.Tensor, targets: torch.Tensor,
+                      ref: KLReference | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token NLL ``float32[T]`` and, with a reference, per-token KL."""
+        if not self.linear_head:
+            return token_nll_generic(self.head, flat, targets, self.softcap, self.token_chunk), None
+        out: HeadPass = tiled_head_pass(self.head.weight, self.head.bias, flat, targets, self.softcap,
+                                        self.token_chunk, self.vocab_chunk)
+        if ref is None:
+            return out.nll, None
+        return out.nll, token_kl(ref, logits_at(self.head.weight, self.head.bias, flat, ref.idx, self.softcap),
+                                 out.lse)
+
+    def _add(self, sums: list[torch.Tensor | None], rows: list[int], batch: int, windows: int,
+             nll: torch.Tensor, kl: torch.Tensor | None) -> None:
+        """Add per-token losses of ``len(rows)`` masks (stacked) to their per-window sums (device-side adds)."""
+        start = batch * self.batch_size
+        for values, total in ((nll, sums[0]), (kl, sums[1])):
+            if values is None:
+                continue
+            per_window = values.view(len(rows), windows, -1).sum(dim=2, dtype=torch.float64).to(self.device)
+            for j, row in enumerate(rows):  # a host->device index tensor would synchronise on CUDA
+                total[row, start : start + windows] += per_window[j]
+
+    def _sums(self, k: int) -> list[torch.Tensor | None]:
+        def zeros() -> torch.Tensor:
+            return torch.zeros((k, self.n_windows), dtype=torch.float64, device=self.device)
+
+        return [zeros(), zeros() if self.utility == "kl" else None]
+
+    def _measure_plain(self, arr: np.ndarray) -> list[torch.Tensor | None]:
+        refs = self.reference() if self.utility == "kl" else None
+        sums = self._sums(len(arr))
         for i, mask in enumerate(arr):
             with skip_layers(self.model, mask):
-                for ids in self._batches():
-                    hidden = self.backbone(input_ids=ids, use_cache=False).last_hidden_state
-                    totals[i] += self._loss_sum(hidden, ids)
+                for b, ids in self._batches():
+                    flat, targets = self._flat(self.backbone(input_ids=ids, use_cache=False).last_hidden_state, ids)
+                    losses = self._token_losses(flat, targets, refs[b] if refs else None)
+                    self._add(sums, [i], b, ids.shape[0], *losses)
         self.last_stats = {"layer_runs": int(arr.sum()), "plain_layer_runs": int(arr.sum()),
                            "slots": 0, "peak_cache_bytes": 0}
-        return totals
+        return sums
 
-    def _nll_shared(self, arr: np.ndarray) -> torch.Tensor:
+    def _measure_shared(self, arr: np.ndarray) -> list[torch.Tensor | None]:
+        refs = self.reference() if self.utility == "kl" else None
         plan = plan_prefix_runs(arr, max_slots=self.cache_bytes // self.slot_bytes)
         runner = PrefixRunner(self.model, self.cache_bytes)
-        totals = torch.zeros(len(plan.unique), dtype=torch.float64, device=self.device)
-        for ids in self._batches():
+        sums = self._sums(len(plan.unique))
+        for b, ids in self._batches():
             runner.reset()
+            ref = refs[b] if refs else None
             per_mask = ids.shape[0] * (ids.shape[1] - 1)
+            # Several masks' final states share one head pass: taller tiles, each weight chunk read once.
             group = max(1, self.token_chunk // per_mask) if self.linear_head else 1
             pending: list[torch.Tensor] = []
             rows: list[int] = []
             for step in plan.steps:
-                hidden = runner.run(step, ids)
-                if group == 1:
-                    totals[step.row] += self._loss_sum(hidden, ids)
-                    continue
-                # Several masks' final states share one head pass: taller tiles, each weight chunk read once.
-                pending.append(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
+                pending.append(runner.run(step, ids))
                 rows.append(step.row)
                 if len(pending) == group:
-                    self._flush_head(pending, rows, ids, totals)
+                    self._flush(pending, rows, b, ids, ref, sums)
             if pending:
-                self._flush_head(pending, rows, ids, totals)
+                self._flush(pending, rows, b, ids, ref, sums)
         runner.reset()
         self.last_stats = {"layer_runs": plan.layer_runs, "plain_layer_runs": int(arr.sum()),
                            "slots": plan.max_slots, "peak_cache_bytes": runner.peak_bytes}
-        return totals[torch.as_tensor(plan.inverse, device=self.device)]
+        index = torch.as_tensor(plan.inverse, device=self.device)
+        return [None if total is None else total[index] for total in sums]
 
-    def _flush_head(self, pending: list[torch.Tensor], rows: list[int], ids: torch.Tensor,
-                    totals: torch.Tensor) -> None:
-        """Loss of the buffered final states of ``rows`` in one tiled head pass; empties the buffers."""
-        targets = ids[:, 1:].reshape(-1).repeat(len(pending)).to(self.head_device)
-        token_nll = tiled_token_nll(self.head.weight, self.head.bias, torch.cat(pending).to(self.head_device),
-                                    targets, self.softcap, self.token_chunk, self.vocab_chunk)
-        sums = token_nll.view(len(pending), -1).sum(dim=1, dtype=torch.float64).to(self.device)
-        for j, row in enumerate(rows):  # device-side adds; a host->device index tensor would synchronise on CUDA
-            totals[row] += sums[j]
+    def _flush(self, pending: list[torch.Tensor], rows: list[int], batch: int, ids: torch.Tensor,
+               ref: KLReference | None, sums: list[torch.Tensor | None]) -> None:
+        """Losses of the buffered final states of ``rows`` in one head pass; empties the buffers."""
+        parts = [self._flat(hidden, ids) for hidden in pending]
+        flat = torch.cat([f for f, _ in parts])
+        targets = torch.cat([t for _, t in parts])
+        stacked = None if ref is None else KLReference(*(torch.cat([x] * len(parts)) for x in
+                                                         (ref.idx, ref.logp, ref.log_tail)))
+        self._add(sums, rows, batch, ids.shape[0], *self._token_losses(flat, targets, stacked))
         pending.clear()
         rows.clear()
 
-    def nll(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Mean NLL in nats per predicted token for each mask: ``float64[k]``.
+    def measure(self, masks: np.ndarray | torch.Tensor) -> Measurement:
+        """Per-window mean token losses of each mask (:class:`Measurement`: ``nll`` and, for ``kl``, ``kl``).
 
         An all-False mask runs embeddings -> final norm -> head; a model that cannot do that raises.
         """
         arr = check_masks(masks, self.n_layers)
+        per_window = self.windows.shape[1] - 1
         with torch.inference_mode():
-            totals = self._nll_shared(arr) if self.prefix_sharing else self._nll_plain(arr)
-            values = (totals / self.n_tokens).cpu().numpy()
-        if not np.isfinite(values).all():
-            bad = [i for i in range(len(values)) if not np.isfinite(values[i])]
-            raise NonFiniteLossError(
-                f"non-finite NLL for masks at rows {bad}: the model diverged on them (inf/nan activations); "
-                "nothing was stored for them — check the model's weights/dtype or leave those masks out"
-            )
-        return values
+            sums = self._measure_shared(arr) if self.prefix_sharing else self._measure_plain(arr)
+            values = [None if total is None else (total / per_window).cpu().numpy() for total in sums]
+        for name, got in zip(UTILITIES, values):
+            if got is not None and not np.isfinite(got).all():
+                bad = sorted({int(i) for i in np.flatnonzero(~np.isfinite(got).all(axis=1))})
+                raise NonFiniteLossError(
+                    f"non-finite {name} for masks at rows {bad}: the model diverged on them (inf/nan activations); "
+                    "nothing was stored for them — check the model's weights/dtype or leave those masks out"
+                )
+        return Measurement(values[0], values[1])
+
+    def nll(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Mean NLL in nats per predicted token for each mask: ``float64[k]``."""
+        return self.measure(masks).loss("nll")
+
+    def loss(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The utility's mean loss per mask (NLL, or KL to the dense model), ``float64[k]``; lower is better."""
+        return self.measure(masks).loss(self.utility)
 
     def __call__(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Value function for Shapley estimators: ``-nll`` (higher = better)."""
-        return -self.nll(masks)
+        """Value function for Shapley estimators: ``-loss`` (higher = better)."""
+        return -self.loss(masks)

@@ -1,13 +1,14 @@
 """Measure layer masks with the real model and append each finished row to the dataset store.
 
-:class:`CachedOracle` is the one cached value function ``-nll`` over the real model: every distinct mask runs
-through the model once; with a store, stored rows are answers and new rows are appended as they finish.
+:class:`CachedOracle` is the one cached value function ``-loss`` over the real model (the loss is the store's
+utility: mean token NLL, or KL to the dense model): every distinct mask runs through the model once; with a store,
+stored rows are answers and new rows are appended as they finish.
 
 Example:
     >>> ev = MaskedEvaluator(loaded.model, windows, batch_size=4)
     >>> store = DatasetStore.create_or_open(out, dataset_identity(loaded, text.text_id, windows, 128), windows)
     >>> measure_masks(ev, store, loo_masks(ev.n_layers))      # rows added; already stored masks are skipped
-    >>> CachedOracle(ev, store)(masks)                        # -nll per mask, missing ones measured first
+    >>> CachedOracle(ev, store)(masks)                        # -loss per mask, missing ones measured first
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from layershap.core.errors import MaskError
 from layershap.core.masks import check_masks, unique_rows
 
-from .evaluate import MaskedEvaluator
+from .evaluate import MaskedEvaluator, Measurement
 from .layers import find_layers, layer_types
 from .loading import LoadedModel
 from .prefix import trie_order
@@ -81,7 +82,7 @@ def trie_groups(masks: np.ndarray, masks_per_call: int = MASKS_PER_CALL) -> list
 def measure_in_groups(
     evaluator: MaskedEvaluator,
     masks: np.ndarray,
-    on_group: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+    on_group: Callable[[np.ndarray, Measurement, np.ndarray], None],
     *,
     progress: bool = True,
     desc: str = "measuring masks",
@@ -89,8 +90,9 @@ def measure_in_groups(
 ) -> int:
     """Run distinct ``masks`` through ``evaluator`` in kept-layer trie order, ``masks_per_call`` at a time.
 
-    After each group, ``on_group(group_masks, nll, seconds)`` gets the group's rows (``seconds``: each row's
-    share of the group's wall-clock time), so callers commit results as they finish. Consecutive masks in trie
+    After each group, ``on_group(group_masks, measurement, seconds)`` gets the group's rows (a
+    :class:`~layershap.oracle.evaluate.Measurement`; ``seconds``: each row's share of the group's wall-clock time),
+    so callers commit results as they finish. Consecutive masks in trie
     order (:func:`~layershap.oracle.prefix.trie_order`) share long kept-layer prefixes, which each group
     computes once. An evaluator with a ``run_groups(groups, on_group)`` method (a pool of workers,
     :class:`~layershap.oracle.distributed.RayOracle`) gets all groups at once and finishes them in any order.
@@ -106,8 +108,8 @@ def measure_in_groups(
 
     with tqdm(total=total, unit="mask", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
 
-        def commit(group: np.ndarray, nll: np.ndarray, seconds: np.ndarray) -> None:
-            on_group(group, nll, seconds)
+        def commit(group: np.ndarray, measured: Measurement, seconds: np.ndarray) -> None:
+            on_group(group, measured, seconds)
             bar.update(len(group))
 
         run_groups = getattr(evaluator, "run_groups", None)
@@ -116,8 +118,8 @@ def measure_in_groups(
             return total
         for group in groups:
             began = time.perf_counter()
-            nll = evaluator.nll(group)
-            commit(group, nll, np.full(len(group), (time.perf_counter() - began) / len(group)))
+            measured = evaluator.measure(group)
+            commit(group, measured, np.full(len(group), (time.perf_counter() - began) / len(group)))
     return total
 
 
@@ -142,23 +144,46 @@ def measure_masks(
             f"the model has {evaluator.n_layers} decoder layers but the store {store.path} holds "
             f"{store.n_layers}-layer masks; use the store's model or another store"
         )
+    check_utility(evaluator, store)
     arr = check_masks(masks, store.n_layers)
-    return measure_in_groups(evaluator, arr[store.missing(arr)], store.append, progress=progress,
-                             masks_per_call=masks_per_call)
+    return measure_in_groups(evaluator, arr[store.missing(arr)], lambda m, v, s: append_measured(store, m, v, s),
+                             progress=progress, masks_per_call=masks_per_call)
+
+
+def append_measured(store: DatasetStore, masks: np.ndarray, measured: Measurement, seconds: np.ndarray) -> None:
+    """Append measured rows with their per-window values (and KL for a kl store).
+
+    Example:
+        >>> append_measured(store, group, evaluator.measure(group), np.full(len(group), 1.5))
+    """
+    store.append(masks, measured.loss("nll"), seconds, window_nll=measured.nll,
+                 kl=None if measured.kl is None else measured.loss("kl"), window_kl=measured.kl)
+
+
+def check_utility(evaluator, store: DatasetStore | None) -> None:
+    """A store of one utility is measured by an evaluator of the same utility, else a clear error."""
+    if store is None:
+        return
+    mine = getattr(evaluator, "utility", "nll")
+    if mine != store.utility:
+        raise MaskError(f"the store {store.path} holds {store.utility!r} rows but the evaluator measures {mine!r}; "
+                        f"use --utility {store.utility} or another store")
 
 
 class CachedOracle:
-    """Value function ``-nll`` over a :class:`MaskedEvaluator`: each distinct mask is run through the model once.
+    """Value function ``-loss`` over a :class:`MaskedEvaluator`: each distinct mask is run through the model once.
 
-    With a ``store`` (the evaluator's dataset store) every stored row is an answer and each measured group is
+    The loss is the evaluator's utility (mean token NLL, or KL to the dense model). With a ``store`` (the
+    evaluator's dataset store, of the same utility) every stored row is an answer and each measured group is
     appended to the store as it finishes, so a mask is measured at most once per store, across calls and runs.
-    Without one the answers live in memory only (e.g. held-out evaluation windows). ``measured`` counts the
-    masks this object ran through the model.
+    Without one the answers live in memory only (e.g. held-out evaluation windows). ``measured`` counts the masks
+    this object ran through the model; :meth:`window_loss` gives the per-window values behind each answer (NaN
+    for rows stored without them).
 
     Example:
         >>> oracle = CachedOracle(evaluator, store)
-        >>> oracle(masks)            # -nll per mask; new rows land in the store
-        >>> CachedOracle(MaskedEvaluator(model, eval_windows), label="held-out").nll(masks)
+        >>> oracle(masks)            # -loss per mask; new rows land in the store
+        >>> CachedOracle(MaskedEvaluator(model, eval_windows), label="held-out").loss(masks)
     """
 
     def __init__(
@@ -175,36 +200,45 @@ class CachedOracle:
                 f"the model has {evaluator.n_layers} decoder layers but the store {store.path} holds "
                 f"{store.n_layers}-layer masks; use the store's model or another store"
             )
+        check_utility(evaluator, store)
         self.evaluator, self.store = evaluator, store
         self.n_layers = int(evaluator.n_layers)
+        self.utility = getattr(evaluator, "utility", "nll")
+        self.n_windows = int(getattr(evaluator, "n_windows", 0))
         self.label, self.progress, self.masks_per_call = label, progress, masks_per_call
         self.cache: dict[bytes, float] = {}
+        self.windows_cache: dict[bytes, np.ndarray] = {}
         self.measured = 0
         self._store_rows = 0
 
-    def seed(self, masks: np.ndarray, nll: np.ndarray) -> None:
-        """Add rows measured elsewhere on the same model and windows."""
-        for m, v in zip(check_masks(masks, self.n_layers), np.asarray(nll, dtype=np.float64).reshape(-1)):
+    def seed(self, masks: np.ndarray, loss: np.ndarray, window_loss: np.ndarray | None = None) -> None:
+        """Add rows measured elsewhere on the same model, windows and utility."""
+        arr = check_masks(masks, self.n_layers)
+        values = np.asarray(loss, dtype=np.float64).reshape(-1)
+        for i, (m, v) in enumerate(zip(arr, values)):
             self.cache[m.tobytes()] = float(v)
+            if window_loss is not None:
+                self.windows_cache[m.tobytes()] = np.asarray(window_loss[i], dtype=np.float64)
 
     def _sync(self) -> None:
         """Take in rows appended to the store since the last call (by this object or anyone else)."""
         if self.store is not None and len(self.store) > self._store_rows:
-            self.seed(self.store.masks[self._store_rows :], self.store.nll[self._store_rows :])
+            start = self._store_rows
+            self.seed(self.store.masks[start:], self.store.loss[start:], self.store.window_loss()[start:])
             self._store_rows = len(self.store)
 
     def known(self, mask: np.ndarray) -> float | None:
-        """The nll of ``mask`` if it has been measured, else None."""
+        """The loss of ``mask`` if it has been measured, else None."""
         self._sync()
         return self.cache.get(check_masks(mask, self.n_layers)[0].tobytes())
 
-    def _commit(self, group: np.ndarray, nll: np.ndarray, seconds: np.ndarray) -> None:
+    def _commit(self, group: np.ndarray, measured: Measurement, seconds: np.ndarray) -> None:
         if self.store is not None:
-            self.store.append(group, nll, seconds)
-        self.seed(group, nll)
+            append_measured(self.store, group, measured, seconds)
+        self.seed(group, measured.loss(self.utility), measured.window_loss(self.utility))
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
-        """Mean NLL of each mask (measuring the unknown ones first): ``float64[k]``."""
+    def loss(self, masks: np.ndarray) -> np.ndarray:
+        """The utility's mean loss of each mask (measuring the unknown ones first): ``float64[k]``."""
         arr = check_masks(masks, self.n_layers)
         self._sync()
         todo = arr[[row.tobytes() not in self.cache for row in arr]]
@@ -213,8 +247,16 @@ class CachedOracle:
         self._sync()
         return np.array([self.cache[row.tobytes()] for row in arr], dtype=np.float64)
 
+    def window_loss(self, masks: np.ndarray) -> np.ndarray:
+        """Per-window losses ``float64[k, W]`` of measured masks (NaN rows where none were kept; measures the
+        unknown masks first)."""
+        arr = check_masks(masks, self.n_layers)
+        self.loss(arr)
+        empty = np.full(self.n_windows, np.nan)
+        return np.array([self.windows_cache.get(row.tobytes(), empty) for row in arr], dtype=np.float64)
+
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every mask this oracle knows (stored, seeded or measured) with its nll: ``(bool[k, n], float64[k])``."""
+        """Every mask this oracle knows (stored, seeded or measured) with its loss: ``(bool[k, n], float64[k])``."""
         self._sync()
         if not self.cache:
             return np.zeros((0, self.n_layers), dtype=bool), np.zeros(0, dtype=np.float64)
@@ -222,4 +264,4 @@ class CachedOracle:
         return masks.copy(), np.fromiter(self.cache.values(), dtype=np.float64, count=len(self.cache))
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        return -self.nll(masks)
+        return -self.loss(masks)

@@ -8,7 +8,7 @@ Example:
     >>> worker.load("./my-llama", None, "cpu", None, threads=1)
     >>> windows, identity = worker.cut_windows(text, "builtin", n_windows=4, seq_len=128, seed=0)
     >>> worker.use_windows(windows, identity, batch_size=4, cache_mb=None)
-    >>> nll, seconds = worker.nll(masks)
+    >>> measured, seconds = worker.measure(masks)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class WorkerLoadError(LayershapError):
 
 class MaskWorker:
     """The Ray actor: loads the model once (:meth:`load`), takes the token windows (:meth:`use_windows`), then
-    measures groups of masks (:meth:`nll`). A failed load is raised again by every later call."""
+    measures groups of masks (:meth:`measure`). A failed load is raised again by every later call."""
 
     def __init__(self) -> None:
         self.loaded = None
@@ -86,10 +86,10 @@ class MaskWorker:
                 "the same checkpoint in the store's dtype"
             )
         self.evaluator = MaskedEvaluator(loaded.model, windows, batch_size=batch_size, device=loaded.device,
-                                         cache_mb=cache_mb)
+                                         cache_mb=cache_mb, utility=identity.get("utility", "nll"))
 
-    def nll(self, masks: np.ndarray) -> tuple[np.ndarray, float]:
-        """Mean NLL of each mask of a group and the wall-clock seconds the group took."""
+    def measure(self, masks: np.ndarray):
+        """The :class:`~layershap.oracle.evaluate.Measurement` of a group and the wall-clock seconds it took."""
         began = time.perf_counter()
-        values = self.evaluator.nll(masks)
-        return values, time.perf_counter() - began
+        measured = self.evaluator.measure(masks)
+        return measured, time.perf_counter() - began

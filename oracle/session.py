@@ -111,7 +111,7 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
 
     Example:
         >>> val = open_validation(session, text="builtin", out="runs/x/validation.zarr", windows=4, seq_len=128, seed=0)
-        >>> val.nll(masks)
+        >>> val.loss(masks)
     """
     loaded = session.loaded
     calibration = load_text(text)

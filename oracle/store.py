@@ -5,10 +5,16 @@ Layout::
     STORE.zarr/            group attributes: schema_version, package_version, identity (model_id, model_hash,
                            n_layers, layer_types, text_id, windows_sha256, n_windows, seq_len, dtype, game,
                            utility), n_rows
-        masks   (N, n)     bool, True = layer kept
-        nll     (N,)       float64, mean token NLL in nats (log-perplexity)
-        seconds (N,)       float64, wall-clock seconds the measurement took
-        windows (W, L)     int64, the exact token windows every mask was measured on
+        masks      (N, n) bool, True = layer kept
+        nll        (N,)   float64, mean token NLL in nats (log-perplexity)
+        seconds    (N,)   float64, wall-clock seconds the measurement took
+        windows    (W, L) int64, the exact token windows every mask was measured on
+        window_nll (N, W) float64, the NLL of each window (NaN: rows measured before per-window values were kept)
+        kl         (N,)   float64, utility ``kl`` only: mean token KL(dense || masked) of next-token distributions
+        window_kl  (N, W) float64, utility ``kl`` only: the KL of each window
+
+The rows' **loss** (:attr:`DatasetStore.loss`) is the column the store's utility names: ``nll`` or ``kl``; it is
+what surrogates learn and plans minimise. Per-window values let two masks be compared window by window.
 
 Crash safety: ``n_rows`` (the committed row count) is written only after the row data, and zarr's
 ``LocalStore`` writes every file through a temporary file + ``os.replace``, so each write is atomic.
@@ -56,6 +62,8 @@ GAME_DEFAULTS = {"game": "blocks", "utility": "nll"}
 # dtype is checked because float32 and bfloat16 measurements must never be mixed silently.
 MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype", *GAME_DEFAULTS)
 ROW_CHUNK = 512
+ROW_ARRAYS = ("masks", "nll", "seconds")  # one entry per row, always present
+WINDOW_ARRAYS = {"window_nll": "nll", "window_kl": "kl"}  # (N, W) per-window values of a column
 
 
 def _check_identity(identity: dict) -> dict:
@@ -106,21 +114,24 @@ class DatasetStore:
         self.n_layers = int(attrs["n_layers"])
         n_rows = int(attrs[ROWS_ATTR])
         try:
-            self._arrays = {name: self._group[name] for name in ("masks", "nll", "seconds", "windows")}
+            self._arrays = {name: self._group[name] for name in (*ROW_ARRAYS, "windows")}
         except KeyError as exc:
             raise LayershapError(f"dataset store {self.path} is damaged: array {exc} is missing") from exc
-        for name in ("masks", "nll", "seconds"):
-            if self._arrays[name].shape[0] < n_rows:
+        optional = ("window_nll", "kl", "window_kl") if self.utility == "kl" else ("window_nll",)
+        self._arrays.update({name: self._group[name] for name in optional if name in self._group})
+        if self.utility == "kl" and not {"kl", "window_kl"} <= set(self._arrays):
+            raise LayershapError(f"dataset store {self.path} is damaged: a kl store without its kl arrays")
+        for name, array in self._arrays.items():
+            if name != "windows" and array.shape[0] < n_rows:
                 raise LayershapError(
-                    f"dataset store {self.path} is damaged: {name} has {self._arrays[name].shape[0]} rows "
+                    f"dataset store {self.path} is damaged: {name} has {array.shape[0]} rows "
                     f"but {n_rows} are committed"
                 )
         if self._arrays["masks"].shape[1] != self.n_layers:
             raise LayershapError(f"dataset store {self.path} is damaged: masks are not {self.n_layers} wide")
-        self._masks = np.asarray(self._arrays["masks"][:n_rows], dtype=bool)
-        self._nll = np.asarray(self._arrays["nll"][:n_rows], dtype=np.float64)
-        self._seconds = np.asarray(self._arrays["seconds"][:n_rows], dtype=np.float64)
-        self._keys = {row.tobytes() for row in self._masks}
+        self._rows = {name: np.asarray(array[:n_rows], dtype=bool if name == "masks" else np.float64)
+                      for name, array in self._arrays.items() if name != "windows"}
+        self._keys = {row.tobytes() for row in self._rows["masks"]}
         self._windows: np.ndarray | None = None
 
     # ------------------------------------------------------------------ opening
@@ -170,6 +181,12 @@ class DatasetStore:
             group.create_array("nll", shape=(0,), dtype=np.float64, chunks=(ROW_CHUNK,), fill_value=np.nan)
             group.create_array("seconds", shape=(0,), dtype=np.float64, chunks=(ROW_CHUNK,), fill_value=np.nan)
             group.create_array("windows", data=windows, chunks=windows.shape)
+            columns = ("nll", "kl") if ident["utility"] == "kl" else ("nll",)
+            if "kl" in columns:
+                group.create_array("kl", shape=(0,), dtype=np.float64, chunks=(ROW_CHUNK,), fill_value=np.nan)
+            for column in columns:
+                group.create_array(f"window_{column}", shape=(0, windows.shape[0]), dtype=np.float64,
+                                   chunks=(ROW_CHUNK, windows.shape[0]), fill_value=np.nan)
             group.update_attributes(
                 {"schema_version": SCHEMA_VERSION, "package_version": package_version(), **ident, ROWS_ATTR: 0}
             )
@@ -216,22 +233,39 @@ class DatasetStore:
         return {k: self._attrs[k] for k in IDENTITY_KEYS}
 
     def __len__(self) -> int:
-        return len(self._nll)
+        return len(self._rows["nll"])
+
+    @property
+    def utility(self) -> str:
+        """What the rows' loss is: ``nll`` (mean token NLL) or ``kl`` (mean token KL to the dense model)."""
+        return str(self._attrs["utility"])
 
     @property
     def masks(self) -> np.ndarray:
         """``bool[N, n_layers]`` of the committed rows (a copy)."""
-        return self._masks.copy()
+        return self._rows["masks"].copy()
 
     @property
     def nll(self) -> np.ndarray:
         """``float64[N]`` mean token NLL (nats) of the committed rows (a copy)."""
-        return self._nll.copy()
+        return self._rows["nll"].copy()
+
+    @property
+    def loss(self) -> np.ndarray:
+        """``float64[N]``: the utility's column (``nll`` or ``kl``), lower = better (a copy)."""
+        return self._rows[self.utility].copy()
+
+    def window_loss(self) -> np.ndarray:
+        """``float64[N, W]``: the utility's per-window values; NaN rows for rows stored without them (a copy)."""
+        name = f"window_{self.utility}"
+        if name not in self._rows:
+            return np.full((len(self), int(self._attrs["n_windows"])), np.nan)
+        return self._rows[name].copy()
 
     @property
     def seconds(self) -> np.ndarray:
         """``float64[N]`` seconds each committed row took to measure (a copy)."""
-        return self._seconds.copy()
+        return self._rows["seconds"].copy()
 
     @property
     def windows(self) -> np.ndarray:
@@ -250,26 +284,31 @@ class DatasetStore:
         return np.array([row.tobytes() not in self._keys for row in arr], dtype=bool)
 
     def content_hash(self, rows: int | None = None) -> str:
-        """sha256 over the identity attributes and the committed masks and nll values (in row order).
+        """sha256 over the identity attributes and the committed masks, nll (and other loss) values, in row order.
 
         ``rows``: hash only the first ``rows`` rows — appends never change earlier rows, so a surrogate trained
         on a store that has grown since can still be matched to the rows it saw.
         """
-        n = len(self._nll) if rows is None else int(rows)
-        if not 0 <= n <= len(self._nll):
-            raise LayershapError(f"{self.path} has {len(self._nll)} rows; cannot hash the first {rows}")
+        n = len(self) if rows is None else int(rows)
+        if not 0 <= n <= len(self):
+            raise LayershapError(f"{self.path} has {len(self)} rows; cannot hash the first {rows}")
         h = hashlib.sha256()
         hashed = {k: v for k, v in self.identity.items() if GAME_DEFAULTS.get(k, object()) != v}
         h.update(json.dumps(hashed, sort_keys=True).encode())
-        h.update(np.ascontiguousarray(self._masks[:n], dtype=np.uint8).tobytes())
-        h.update(np.ascontiguousarray(self._nll[:n], dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(self._rows["masks"][:n], dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(self._rows["nll"][:n], dtype="<f8").tobytes())
+        if self.utility != "nll":
+            h.update(np.ascontiguousarray(self._rows[self.utility][:n], dtype="<f8").tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------------ writing
-    def append(self, masks: np.ndarray, nll: np.ndarray, seconds: np.ndarray) -> None:
+    def append(self, masks: np.ndarray, nll: np.ndarray, seconds: np.ndarray, *,
+               window_nll: np.ndarray | None = None, kl: np.ndarray | None = None,
+               window_kl: np.ndarray | None = None) -> None:
         """Add finished rows; crash-safe (SIGKILL loses no committed row and never leaves a duplicate).
 
-        Masks already stored (or repeated within ``masks``) raise ``ValueError``: callers filter with
+        ``window_nll`` / ``window_kl`` (``[k, W]``): per-window values (NaN when not given); ``kl``: required by a
+        kl store. Masks already stored (or repeated within ``masks``) raise ``ValueError``: callers filter with
         :meth:`missing` first.
 
         Example:
@@ -278,27 +317,45 @@ class DatasetStore:
         if not self.writable:
             raise ValueError(f"{self.path} was opened read-only; use DatasetStore.create_or_open to append")
         arr = check_masks(masks, self.n_layers)
-        nll = np.asarray(nll, dtype=np.float64).reshape(-1)
-        seconds = np.asarray(seconds, dtype=np.float64).reshape(-1)
         k = len(arr)
-        if len(nll) != k or len(seconds) != k:
-            raise ValueError(f"append got {k} masks, {len(nll)} nll values and {len(seconds)} seconds values")
-        if not np.isfinite(nll).all():
-            raise ValueError("append got non-finite nll values; only finished, finite measurements are stored")
+        columns = {"masks": arr, "nll": nll, "seconds": seconds, "kl": kl}
+        columns = {name: value if name == "masks" else np.asarray(value, dtype=np.float64).reshape(-1)
+                   for name, value in columns.items() if value is not None}
+        if self.utility == "kl" and "kl" not in columns:
+            raise ValueError(f"{self.path} is a kl store: append needs the rows' kl values")
+        if self.utility != "kl" and "kl" in columns:
+            del columns["kl"]  # an nll store keeps the nll column only
+        wide = int(self._attrs["n_windows"])
+        for name, value in (("window_nll", window_nll), ("window_kl", window_kl)):
+            if name == "window_kl" and self.utility != "kl":
+                continue
+            value = np.full((k, wide), np.nan) if value is None else np.asarray(value, dtype=np.float64)
+            if value.shape != (k, wide):
+                raise ValueError(f"append got {name} of shape {value.shape}, expected {(k, wide)}")
+            columns[name] = value
+        if any(len(v) != k for v in columns.values()):
+            raise ValueError(f"append got {k} masks but columns of lengths {[len(v) for v in columns.values()]}")
+        for name in ("nll", "kl"):
+            if name in columns and not np.isfinite(columns[name]).all():
+                raise ValueError(f"append got non-finite {name} values; only finished, finite measurements are stored")
         keys = [row.tobytes() for row in arr]
         if len(set(keys)) != k or any(key in self._keys for key in keys):
             raise ValueError("append got masks that are already stored or repeated; filter with missing() first")
         if k == 0:
             return
+        if "window_nll" not in self._arrays:  # a store written before per-window values: add them, NaN so far
+            self._arrays["window_nll"] = self._group.create_array(
+                "window_nll", shape=(len(self), wide), dtype=np.float64, chunks=(ROW_CHUNK, wide),
+                fill_value=np.nan)
+            self._rows["window_nll"] = np.full((len(self), wide), np.nan)
         start, end = len(self), len(self) + k
-        for name, data in (("masks", arr), ("nll", nll), ("seconds", seconds)):
+        for name, data in columns.items():
             zarr_array = self._arrays[name]
             if zarr_array.shape[0] < end:
                 zarr_array.resize((end, *zarr_array.shape[1:]))
             zarr_array[start:end] = data
         self._group.update_attributes({ROWS_ATTR: end})  # the commit: an atomic rewrite of the group's zarr.json
         self._attrs[ROWS_ATTR] = end
-        self._masks = np.concatenate([self._masks, arr])
-        self._nll = np.concatenate([self._nll, nll])
-        self._seconds = np.concatenate([self._seconds, seconds])
+        for name, data in columns.items():
+            self._rows[name] = np.concatenate([self._rows[name], data])
         self._keys.update(keys)

@@ -248,7 +248,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     eval_cache = CachedOracle(eval_ev, label="held-out evaluation", progress=cfg.progress)
     all_masks = np.vstack([full_mask] + [r.mask(n)[None, :] for r in removals])
     _log(f"held-out evaluation of {len({m.tobytes() for m in all_masks})} distinct models ...")
-    eval_nll = eval_cache.nll(all_masks)
+    eval_nll = eval_cache.loss(all_masks)
     results = []
     for r, nll in zip(removals, eval_nll[1:]):
         results.append({

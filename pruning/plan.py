@@ -22,7 +22,7 @@ of size K, and every set it recommends was measured:
    calibration result, while a set that only looked good on the calibration windows loses.
 
 Example:
-    >>> result = find_plans(oracle, ks=[1, 2, 3, 4], budget=90, validation=validation_oracle.nll)
+    >>> result = find_plans(oracle, ks=[1, 2, 3, 4], budget=90, validation=validation_oracle.loss)
     >>> result.plans[2].removed, result.plans[2].nll, result.plans[2].validation_nll
 """
 
@@ -48,11 +48,11 @@ BEAM_WIDTH = 256
 
 
 class RowOracle(Protocol):
-    """Measured rows plus measuring: ``nll`` measures what it does not know yet, ``rows`` returns all it knows."""
+    """Measured rows plus measuring: ``loss`` measures what it does not know yet, ``rows`` returns all it knows."""
 
     n_layers: int
 
-    def nll(self, masks: np.ndarray) -> np.ndarray: ...
+    def loss(self, masks: np.ndarray) -> np.ndarray: ...
 
     def rows(self) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -186,7 +186,7 @@ def find_plans(
     with the lowest calibration + validation nll.
 
     Example:
-        >>> res = find_plans(oracle, [1, 2, 3], budget=60, validation=validation_oracle.nll, progress=False)
+        >>> res = find_plans(oracle, [1, 2, 3], budget=60, validation=validation_oracle.loss, progress=False)
         >>> {k: p.removed for k, p in res.plans.items()}
     """
     n = oracle.n_layers
@@ -206,7 +206,7 @@ def find_plans(
         known = {removal_set(m) for m in oracle.rows()[0]}
         todo = [s for s in dict.fromkeys(sets) if s not in known][: max(0, budget - spent)]
         if todo:
-            oracle.nll(masks_from_removed(todo, n))
+            oracle.loss(masks_from_removed(todo, n))
             spent += len(todo)
         return len(todo)
 

@@ -7,8 +7,14 @@ interactions between pairs of removed layers (removing 7 is harmless alone and f
 has as explicit terms. It is fitted on the rows with at most ``max_removed`` layers removed, where plans live,
 so the catastrophic masks that dominate a mean-squared error over all rows cannot pull it away; the ridge
 penalty shrinks the pair terms the data do not support towards zero (towards the additive model). Fitting takes
-milliseconds, so the plan loop refits it after every round of oracle measurements. The MLP ensemble
-(:mod:`layershap.surrogate.train`) remains the surrogate of the whole game, for scores and the service.
+milliseconds (in the dual, rows x rows, when there are fewer rows than terms: 80 layers have 3,240), so the plan
+loop refits it after every round of oracle measurements. Scoring removal sets reads the weights by index
+(:meth:`PairwiseModel.predict_sets`: intercept + sum of w_i + sum of W_ij over the set's pairs), never building
+the dense pair features of millions of candidate sets. The MLP ensemble (:mod:`layershap.surrogate.train`)
+remains the surrogate of the whole game, for scores and the service.
+
+The regression target is ``log(loss + offset)``: ``offset`` 0 for the NLL, a small floor for a divergence whose
+full-model value is 0 (:func:`log_offset`).
 
 Example:
     >>> model = PairwiseModel.fit(masks, nll, max_removed=6)
@@ -26,6 +32,17 @@ from layershap.core.masks import check_masks
 
 DEFAULT_ALPHA = 1.0  # ridge penalty of the pair terms (log-nll units); the per-layer terms get ALPHA_LINEAR
 ALPHA_LINEAR = 1e-3
+KL_FLOOR = 1e-3  # nats: added to a KL before its log, so the full model (KL 0) is finite and the scale is kept
+
+
+def log_offset(utility: str) -> float:
+    """What is added to a loss before its log: 0 for ``nll`` (always > 0), :data:`KL_FLOOR` for ``kl``.
+
+    Example:
+        >>> log_offset("nll"), log_offset("kl")
+        (0.0, 0.001)
+    """
+    return KL_FLOOR if utility == "kl" else 0.0
 
 
 def pair_features(masks: np.ndarray) -> np.ndarray:
@@ -48,13 +65,15 @@ class PairwiseModel:
     intercept: float
     weights: np.ndarray
     rows: int
+    offset: float = 0.0
 
     @classmethod
     def fit(cls, masks: np.ndarray, nll: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
-            max_removed: int | None = None) -> PairwiseModel:
-        """Ridge fit on the rows with at most ``max_removed`` layers removed (all rows when None).
+            max_removed: int | None = None, offset: float = 0.0) -> PairwiseModel:
+        """Ridge fit of ``log(nll + offset)`` on the rows with at most ``max_removed`` layers removed (all rows
+        when None).
 
-        The intercept is the full model's measured log(nll) when the rows hold it (the anchor every plan is
+        The intercept is the full model's measured value when the rows hold it (the anchor every plan is
         compared with), else the mean. Raises :class:`LayershapError` without rows in range.
 
         Example:
@@ -70,24 +89,55 @@ class PairwiseModel:
         if max_removed is not None:
             keep = (~masks).sum(axis=1) <= max_removed
             masks, nll = masks[keep], nll[keep]
-        if len(nll) == 0 or not (nll > 0).all() or not np.isfinite(nll).all():
-            raise LayershapError("the pairwise model needs finite, positive nll values of masks in its range")
+        if len(nll) == 0 or not (nll + offset > 0).all() or not np.isfinite(nll).all():
+            raise LayershapError("the pairwise model needs finite, positive loss values of masks in its range")
         n = masks.shape[1]
-        y = np.log(nll)
+        y = np.log(nll + offset)
         full = masks.all(axis=1)
         intercept = float(y[full].mean()) if full.any() else float(y.mean())
         x = pair_features(masks)
         penalty = np.concatenate([np.full(n, ALPHA_LINEAR), np.full(x.shape[1] - n, alpha)])
-        weights = np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ (y - intercept))
-        return cls(n, intercept, weights, len(nll))
+        target = y - intercept
+        if x.shape[0] < x.shape[1]:  # the dual: w = P^-1 X^T (X P^-1 X^T + I)^-1 y, rows x rows
+            scaled = x / penalty
+            weights = scaled.T @ np.linalg.solve(scaled @ x.T + np.eye(x.shape[0]), target)
+        else:
+            weights = np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ target)
+        return cls(n, intercept, weights, len(nll), float(offset))
+
+    def pair_matrix(self) -> np.ndarray:
+        """The pair weights as a symmetric ``[n, n]`` matrix with a zero diagonal."""
+        n = self.n_layers
+        matrix = np.zeros((n, n))
+        i, j = np.triu_indices(n, 1)
+        matrix[i, j] = matrix[j, i] = self.weights[n:]
+        return matrix
+
+    def predict_sets(self, sets: np.ndarray) -> np.ndarray:
+        """Predicted ``log(loss + offset)`` of removal sets given as layer indices ``int[m, K]``, by index: no
+        feature matrix, so millions of sets cost ``m x K^2`` reads.
+
+        Example:
+            >>> model.predict_sets(np.array([[7, 8], [8, 9]]))      # two 2-layer removals
+        """
+        sets = np.asarray(sets, dtype=np.int64)
+        if sets.ndim != 2:
+            raise LayershapError(f"removal sets must be shaped (m, K); got {sets.shape}")
+        linear = self.weights[: self.n_layers]
+        pairs = self.pair_matrix()
+        out = self.intercept + linear[sets].sum(axis=1)
+        for a in range(sets.shape[1]):
+            for b in range(a + 1, sets.shape[1]):
+                out += pairs[sets[:, a], sets[:, b]]
+        return out
 
     def predict_log_nll(self, masks: np.ndarray) -> np.ndarray:
-        """Predicted log(nll) per mask: ``float64[k]``."""
+        """Predicted ``log(loss + offset)`` per mask: ``float64[k]``."""
         return self.intercept + pair_features(check_masks(masks, self.n_layers)) @ self.weights
 
     def predict_nll(self, masks: np.ndarray) -> np.ndarray:
-        """Predicted nll (nats) per mask: ``float64[k]``."""
-        return np.exp(self.predict_log_nll(masks))
+        """Predicted loss (nats) per mask: ``float64[k]``."""
+        return np.exp(self.predict_log_nll(masks)) - self.offset
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         """Value function (higher = better): ``-predict_nll``."""

@@ -107,8 +107,8 @@ class KillOnFirstAppend:
     def __getattr__(self, name: str):
         return getattr(self.store, name)
 
-    def append(self, masks, nll, seconds) -> None:
-        self.store.append(masks, nll, seconds)
+    def append(self, masks, nll, seconds, **per_window) -> None:
+        self.store.append(masks, nll, seconds, **per_window)
         if not self.killed:
             busy = self.pool.busy_actors()
             assert busy, "no worker held a group when the first rows landed"
@@ -130,7 +130,7 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, setup):
         assert diff < 1e-6
         some = ALL_MASKS[[63, 5, 40, 5]]  # the pool is also a plain evaluator (compare, baselines): nothing stored
         ref = {row.tobytes(): v for row, v in zip(setup["ref"].masks, setup["ref"].nll)}
-        np.testing.assert_allclose(pool.nll(some), [ref[row.tobytes()] for row in some], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(pool.loss(some), [ref[row.tobytes()] for row in some], rtol=0, atol=1e-6)
         assert len(DatasetStore.open(store.path)) == 64
 
 
@@ -144,8 +144,8 @@ DRIVER = textwrap.dedent("""
     seen = DatasetStore.open(path)
     store = DatasetStore.create_or_open(path, seen.identity, seen.windows)
     commit = store.append
-    def slow_append(*args):  # each group's rows land, then the driver dawdles: the kill comes mid-run
-        commit(*args)
+    def slow_append(*args, **kwargs):  # each group's rows land, then the driver dawdles: the kill comes mid-run
+        commit(*args, **kwargs)
         time.sleep(0.25)
     store.append = slow_append
     masks = ((np.arange(64)[:, None] >> np.arange(6)) & 1).astype(bool)

@@ -28,7 +28,8 @@ def test_worker_measures_like_the_driver(tiny_model_dir, one_thread):
     np.testing.assert_array_equal(windows, expected)
     assert identity == dataset_identity(loaded, "topics", expected, 12)
     worker.use_windows(windows, identity, batch_size=1, cache_mb=0)
-    nll, seconds = worker.nll(MASKS)
+    measured, seconds = worker.measure(MASKS)
+    nll = measured.loss("nll")
     np.testing.assert_allclose(nll, MaskedEvaluator(loaded.model, expected).nll(MASKS), rtol=0, atol=1e-6)
     assert seconds > 0
 

@@ -10,6 +10,7 @@ import pytest
 
 from layershap.core.errors import MaskError
 from layershap.core.masks import unique_rows
+from layershap.oracle.evaluate import Measurement
 from layershap.oracle.measure import CachedOracle, measure_masks
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
@@ -25,12 +26,13 @@ class CountingEvaluator:
     def __init__(self) -> None:
         self.calls: list[np.ndarray] = []
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
+    def measure(self, masks: np.ndarray) -> Measurement:
         masks = np.asarray(masks, bool)
         self.calls.append(masks.copy())
         removed = (~masks).sum(1)
         first = np.where(removed > 0, np.argmin(masks, axis=1), 0)
-        return 2.0 + removed + 0.1 * first
+        per_window = (2.0 + removed + 0.1 * first)[:, None] + np.array([[-0.5, 0.5]])  # two windows, mean as above
+        return Measurement(per_window)
 
 
 def closed_form(masks: np.ndarray) -> np.ndarray:
@@ -94,7 +96,7 @@ def test_cached_oracle_with_a_store_measures_each_mask_once_and_appends(store):
     assert oracle.measured == 2 and len(store) == 3  # 3 was stored; 6 measured once although asked twice
     measure_masks(ev, store, masks[[8]], progress=False)  # a row appended by someone else is an answer too
     calls = len(ev.calls)
-    np.testing.assert_allclose(oracle.nll(masks[[8, 7, 3]]), closed_form(masks[[8, 7, 3]]))
+    np.testing.assert_allclose(oracle.loss(masks[[8, 7, 3]]), closed_form(masks[[8, 7, 3]]))
     assert len(ev.calls) == calls and oracle.measured == 2
     assert oracle.known(masks[6]) == pytest.approx(closed_form(masks[[6]])[0]) and oracle.known(masks[9]) is None
     np.testing.assert_allclose(store.nll, closed_form(store.masks))
@@ -104,8 +106,32 @@ def test_cached_oracle_without_a_store_keeps_answers_in_memory():
     ev = CountingEvaluator()
     oracle = CachedOracle(ev, label="held-out", progress=False)
     masks = all_masks()
-    np.testing.assert_allclose(oracle.nll(masks), closed_form(masks))
-    np.testing.assert_allclose(oracle.nll(masks[::-1]), closed_form(masks[::-1]))
+    np.testing.assert_allclose(oracle.loss(masks), closed_form(masks))
+    np.testing.assert_allclose(oracle.loss(masks[::-1]), closed_form(masks[::-1]))
     assert oracle.measured == 2**N and sum(len(c) for c in ev.calls) == 2**N
     with pytest.raises(MaskError, match="does not match"):
-        oracle.nll(np.ones((1, N + 1), bool))
+        oracle.loss(np.ones((1, N + 1), bool))
+
+
+def test_per_window_values_reach_the_store_and_the_oracle(store):
+    ev = CountingEvaluator()
+    oracle = CachedOracle(ev, store, progress=False)
+    masks = all_masks()[[3, 5]]
+    got = oracle.window_loss(masks)
+    np.testing.assert_allclose(got, closed_form(masks)[:, None] + np.array([[-0.5, 0.5]]))
+    np.testing.assert_allclose(DatasetStore.open(store.path).window_loss(), got)
+    again = CachedOracle(CountingEvaluator(), DatasetStore.open(store.path), progress=False)
+    np.testing.assert_allclose(again.window_loss(masks), got)  # answered from the store, not measured
+
+
+def test_an_evaluator_of_another_utility_cannot_write_a_store(tmp_path):
+    windows = np.arange(12, dtype=np.int64).reshape(2, 6)
+    identity = {"model_id": "m", "model_hash": "h" * 64, "n_layers": N, "layer_types": ["full_attention"] * N,
+                "text_id": "t", "windows_sha256": windows_sha256(windows), "n_windows": 2, "seq_len": 5,
+                "dtype": "float32", "utility": "kl"}
+    store = DatasetStore.create_or_open(tmp_path / "kl.zarr", identity, windows)
+    with pytest.raises(MaskError, match="holds 'kl' rows but the evaluator measures 'nll'"):
+        CachedOracle(CountingEvaluator(), store)
+    with pytest.raises(MaskError, match="--utility kl"):
+        measure_masks(CountingEvaluator(), store, all_masks()[:2], progress=False)
+    assert len(DatasetStore.open(store.path)) == 0

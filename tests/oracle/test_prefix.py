@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import ARCHS, TINY_VOCAB, loss_with_layers_deleted, make_tiny_model
 
 from layershap.core.errors import LayershapError
-from layershap.oracle.evaluate import MaskedEvaluator, tiled_token_nll
+from layershap.oracle.evaluate import MaskedEvaluator
+from layershap.oracle.head_loss import tiled_token_nll
 from layershap.oracle.prefix import plan_prefix_runs, trie_order
 
 N_LAYERS = 5

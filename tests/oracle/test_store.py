@@ -259,3 +259,40 @@ def test_a_store_written_before_the_game_keys_reads_as_blocks_nll_with_its_old_h
     h.update(masks.astype(np.uint8).tobytes())
     h.update(np.array([1.0, 2.0], "<f8").tobytes())
     assert old.content_hash() == h.hexdigest()
+
+
+def test_per_window_values_and_the_kl_column_round_trip(tmp_path):
+    """A kl store keeps nll, kl and both per-window arrays; its loss is the kl column; it refuses rows without kl."""
+    import pytest
+
+    masks = random_masks(2)
+    store = DatasetStore.create_or_open(tmp_path / "k.zarr", make_identity(utility="kl"), make_windows())
+    window_nll = np.array([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])
+    window_kl = np.array([[0.1, 0.2, 0.3], [0.0, 0.3, 0.3]])
+    store.append(masks, window_nll.mean(1), [0.5, 0.5], window_nll=window_nll, kl=window_kl.mean(1),
+                 window_kl=window_kl)
+    again = DatasetStore.open(tmp_path / "k.zarr")
+    assert again.utility == "kl"
+    np.testing.assert_array_equal(again.nll, [2.0, 2.0])
+    np.testing.assert_allclose(again.loss, [0.2, 0.2])
+    np.testing.assert_array_equal(again.window_loss(), window_kl)
+    with pytest.raises(ValueError, match="needs the rows' kl values"):
+        store.append(random_masks(1, seed=9), [1.0], [0.1])
+    with pytest.raises(ValueError, match="window_kl of shape"):
+        store.append(random_masks(1, seed=9), [1.0], [0.1], kl=[0.1], window_kl=np.zeros((1, 2)))
+    assert len(DatasetStore.open(tmp_path / "k.zarr")) == 2
+
+
+def test_a_store_without_per_window_values_gains_them_with_nan_for_old_rows(tmp_path):
+    import zarr
+
+    store = DatasetStore.create_or_open(tmp_path / "w.zarr", make_identity(), make_windows())
+    store.append(random_masks(1), [1.0], [0.1])
+    group = zarr.open_group(str(tmp_path / "w.zarr"), mode="r+")
+    del group["window_nll"]  # as stores written before per-window values were kept
+    old = DatasetStore.create_or_open(tmp_path / "w.zarr", make_identity(), make_windows())
+    assert np.isnan(old.window_loss()).all() and old.window_loss().shape == (1, 3)
+    old.append(random_masks(2, seed=5)[1:], [2.0], [0.1], window_nll=np.array([[1.0, 2.0, 3.0]]))
+    rows = DatasetStore.open(tmp_path / "w.zarr").window_loss()
+    assert np.isnan(rows[0]).all()
+    np.testing.assert_array_equal(rows[1], [1.0, 2.0, 3.0])

@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from layershap.core.errors import LayershapError
+from layershap.oracle.evaluate import Measurement
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
 from layershap.pipeline.active import run_active_sampling, stable
@@ -37,11 +38,11 @@ class SyntheticOracle:
         r = (~np.asarray(masks, bool)).astype(float)
         return 2.0 + r @ self.a + np.einsum("ki,ij,kj->k", r, self.b, r)
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
+    def measure(self, masks: np.ndarray) -> Measurement:
         masks = np.asarray(masks, bool).reshape(-1, N)
         assert self.store.missing(masks).all(), "asked for a mask that is already stored"
         self.asked += [row.tobytes() for row in masks]
-        return self.true_nll(masks)
+        return Measurement(np.repeat(self.true_nll(masks)[:, None], 2, axis=1))  # noise-free: windows agree
 
 
 def _store(tmp_path) -> DatasetStore:

@@ -42,7 +42,7 @@ class GameOracle:
         self.known = {s: float(game(masks_from_removed([s], N))[0]) for s in stored}
         self.measured: list[tuple[int, ...]] = []
 
-    def nll(self, masks: np.ndarray) -> np.ndarray:
+    def loss(self, masks: np.ndarray) -> np.ndarray:
         out = []
         for m in np.asarray(masks, dtype=bool):
             s = removal_set(m)
