@@ -122,7 +122,7 @@ def plan_budget(n_layers: int, ks, *, device: str = "cpu", screen_tokens: int | 
     scale = (total_tokens - floor) / max(1, budget.tokens() - floor)
     search = int(budget.search_per_k * scale)
     blocks = max(1, int(budget.max_blocks * math.sqrt(scale)))
-    cands = max(min(2, budget.candidates), int(round(budget.candidates * math.sqrt(scale))))
+    cands = max(min(2, budget.candidates), round(budget.candidates * math.sqrt(scale)))
     shrunk = PlanBudget(n_layers, ks, screen, block, n_layers + 1, search, cands, blocks)
     while shrunk.tokens() > total_tokens and shrunk.search_per_k > 0:
         shrunk = PlanBudget(n_layers, ks, screen, block, n_layers + 1, shrunk.search_per_k - 1, cands, blocks)
