@@ -47,7 +47,8 @@ from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity
 from layershap.oracle.store import DatasetStore
-from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows, validation_windows
+from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows
+from layershap.oracle.windows import validation_windows
 from layershap.pruning.baselines import run_baselines
 from layershap.pruning.plan import find_plans, removal_set
 from layershap.sampling.specs import parse_mask_spec

@@ -37,9 +37,9 @@ def evaluate(
         json: also write the result to this JSON file.
     """
     from layershap.core.jsonio import write_json
-    from layershap.oracle.evaluate import fit_seq_len
     from layershap.oracle.heldout import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, evaluate_perplexity
     from layershap.oracle.loading import load_model
+    from layershap.oracle.positions import fit_seq_len
 
     positive("seq_len", seq_len)
     positive("batch_size", batch_size)

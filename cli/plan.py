@@ -1,18 +1,21 @@
 """``layershap plan``: verified depth-pruning plans — the best set of K layers to remove for each K, searched with the
-oracle in the loop and chosen on validation windows (:mod:`layershap.pruning.plan`).
+oracle in the loop on the calibration windows and decided on blocks of fresh windows (:mod:`layershap.pruning.plan`).
 
-Works in a run folder (``dataset.zarr`` there is reused and extended: rows already measured are free), writes
-``plans.json`` and ``validation.zarr`` beside it and prints the plan table; ``layershap prune --plans FOLDER
---remove K`` writes the pruned model.
+Works in a run folder (``dataset.zarr`` there is reused and extended: rows already measured are free, and the
+passes an earlier plan stage spent are counted), writes ``plans.json`` and ``decision-<b>.zarr`` beside it and
+prints the plan table with how sure each choice is; ``layershap prune --plans FOLDER --remove K`` writes the
+pruned model.
 
 Example:
     $ layershap plan                                        # Gemma-3-270M, K = 1..5, into runs/gemma-3-270m
-    $ layershap plan --model ./my-llama --text calib.txt --remove 4,8 --plan-budget 150 --out runs/my-llama
+    $ layershap plan --model ./my-llama --text calib.txt --remove 4,8 --tokens 400000 --out runs/my-llama
 """
 
 from __future__ import annotations
 
-from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, PLAN_BUDGET
+from typing import Literal
+
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 
 from .options import Device, non_negative, positive
 
@@ -22,31 +25,32 @@ def plan(
     text: str = "builtin",
     out: str | None = None,
     remove: list[int] | None = None,
-    plan_budget: int = PLAN_BUDGET,
+    tokens: int | None = None,
+    utility: Literal["nll", "kl"] = "nll",
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
     device: Device = "auto",
     batch_size: int = 4,
     cache_mb: int | None = None,
-    top_validate: int = 3,
     progress: bool = True,
 ) -> int:
-    """Verified depth-pruning plans: best removal sets per K, measured, chosen on validation windows.
+    """Verified depth-pruning plans: best removal sets per K, measured, decided on fresh windows.
 
     Args:
         model: gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id.
         text: calibration text: builtin, a .txt/.jsonl path, wikitext2 or c4.
         out: run folder (default runs/<model name>); its dataset.zarr is reused and extended.
         remove: the K values to plan, e.g. 2,4,6 (default 1 .. 30 % of the layers).
-        plan_budget: new oracle passes for plan candidates in this call (rows already stored are free).
-        windows: token windows per mask (calibration; as many validation windows).
+        tokens: oracle tokens of the search at most (default: what the depth, K range and device need).
+        utility: what a mask's loss is: nll (token NLL of the text) or kl (KL to the dense model); a folder's
+            stores keep the utility they were made with.
+        windows: token windows per mask (calibration, the screening fidelity).
         seq_len: tokens per window.
         seed: seed of windows and the search.
         device: auto = CUDA when available, else CPU.
         batch_size: windows per forward pass.
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
-        top_validate: measured sets per K compared on the validation windows.
         progress: show progress bars.
     """
     from pathlib import Path
@@ -56,19 +60,18 @@ def plan(
     from layershap.pipeline.run import default_out
 
     for name, value in (("windows", windows), ("seq_len", seq_len), ("batch_size", batch_size),
-                        ("cache_mb", cache_mb), ("top_validate", top_validate)):
+                        ("cache_mb", cache_mb), ("tokens", tokens)):
         positive(name, value)
     non_negative("seed", seed)
-    non_negative("plan_budget", plan_budget)
     for k in remove or []:
         positive("remove", k)
     folder = Path(out) if out is not None else default_out(model)
     folder.mkdir(parents=True, exist_ok=True)
     session = open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr", windows=windows,
-                           seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb)
-    doc = run_plans(session, text=text, out=folder, ks=remove, budget=plan_budget, windows=windows,
-                    seq_len=seq_len, seed=seed, batch_size=batch_size, cache_mb=cache_mb, top_validate=top_validate,
-                    progress=progress)
+                           seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb,
+                           utility=utility)
+    doc = run_plans(session, text=text, out=folder, ks=remove, total_tokens=tokens, seed=seed,
+                    batch_size=batch_size, cache_mb=cache_mb, progress=progress)
     print(format_plans(doc))
     print(f"wrote {folder / 'plans.json'}; prune with `layershap prune --model {model} --plans {folder} "
           f"--remove K --out DIR`")

@@ -87,8 +87,10 @@ def prune(
         check_removal_count(remove, n)
         removed = sorted(plan_for(plan_doc, remove))
         chosen = next(p for p in plan_doc["plans"] if int(p["k"]) == remove)
+        decided = chosen.get("decision_perplexity")
         source = {"selection": f"the verified plan for K = {remove} (calibration perplexity "
-                               f"{chosen['perplexity']:.4g}, validation {chosen['validation_perplexity']})",
+                               f"{chosen['perplexity']:.4g}, decision windows "
+                               f"{'-' if decided is None else format(decided, '.4g')})",
                   "plans_file": str(plans), "plan": chosen}
     else:
         check_same_model(record.identity, current, what=str(scores),

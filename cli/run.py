@@ -1,12 +1,13 @@
 """``layershap run``: the main job in one command (:func:`layershap.pipeline.run.run_main_job`).
 
-oracle on stratified masks -> surrogate ensemble -> layer scores -> a table of layer, score ± s.e., rank and
-leave-one-out perplexity, and the layers to remove for 10/20/30 % depth reduction. Running the same command
-again resumes the oracle where it stopped.
+oracle on stratified masks -> verified plans (screened on the calibration windows, decided on fresh ones) ->
+surrogate ensemble -> layer scores -> a table of layer, score ± s.e., rank and leave-one-out perplexity, and the
+plans for 10/20/30 % depth reduction with how sure each is. The job's token budget is printed first. Running the
+same command again resumes the oracle where it stopped.
 
 Example:
     $ layershap run                                   # Gemma-3-270M on Python's docs, CPU defaults
-    $ layershap run --model ./my-llama --text calib.txt --n-masks 256 --out runs/llama
+    $ layershap run --model ./my-llama --text calib.txt --utility kl --out runs/llama
     $ layershap run --print_config > run.yaml; layershap run --config run.yaml
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 
 from .options import Device, non_negative, positive
 
@@ -23,9 +24,9 @@ def run(
     model: str = "gemma-3-270m",
     text: str = "builtin",
     out: str | None = None,
-    n_masks: int = MAIN_JOB_MASKS,
+    n_masks: int | None = None,
     sampling: Literal["stratified", "stratified-all"] = "stratified",
-    budget: int | None = None,
+    active_rows: int | None = None,
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
@@ -35,7 +36,8 @@ def run(
     members: int = 8,
     hidden: int = 64,
     remove: list[int] | None = None,
-    plan_budget: int = PLAN_BUDGET,
+    tokens: int | None = None,
+    utility: Literal["nll", "kl"] = "nll",
     register: bool = True,
     progress: bool = True,
 ) -> int:
@@ -45,11 +47,12 @@ def run(
         model: gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id.
         text: calibration text: builtin, a .txt/.jsonl path, wikitext2 or c4.
         out: output folder (default runs/<model name>).
-        n_masks: number of stratified oracle masks, including the full model and all leave-one-out masks.
+        n_masks: number of stratified oracle masks, including the full model and all leave-one-out masks
+            (default: 3 per layer, at least 48).
         sampling: stratified = 1..ceil(n/2) layers removed (pruning range, scores = semivalue over that range);
             stratified-all = every count 1..n (scores = Shapley value).
-        budget: active sampling: total oracle rows; after the initial --n-masks, add masks where the surrogate
-            ensemble disagrees until the ranking is stable or the store holds this many rows.
+        active_rows: active sampling: after the initial --n-masks, add masks where the surrogate ensemble
+            disagrees until the ranking is stable or the store holds this many rows (before the plans).
         windows: token windows per mask.
         seq_len: tokens per window.
         seed: seed of windows, masks and training.
@@ -59,7 +62,10 @@ def run(
         members: surrogate ensemble size.
         hidden: surrogate hidden units per layer.
         remove: the K values to plan, e.g. 2,4,6 (default 1 .. 30 % of the layers).
-        plan_budget: oracle passes for plan candidates over the run's life (a rerun spends what is left).
+        tokens: the job's oracle tokens at most (default: what the depth, K range and device need; less shrinks
+            the plan search in proportion).
+        utility: what a mask's loss is: nll (token NLL of the text) or kl (KL to the dense model's next-token
+            distributions).
         register: add the trained surrogate to the registry (`layershap registry list`).
         progress: show progress bars.
     """
@@ -67,16 +73,15 @@ def run(
 
     from layershap.pipeline.run import run_main_job
 
-    for name, value in (("n_masks", n_masks), ("budget", budget), ("windows", windows), ("seq_len", seq_len),
-                        ("batch_size", batch_size), ("cache_mb", cache_mb), ("members", members),
-                        ("hidden", hidden)):
+    for name, value in (("n_masks", n_masks), ("active_rows", active_rows), ("windows", windows),
+                        ("seq_len", seq_len), ("batch_size", batch_size), ("cache_mb", cache_mb),
+                        ("members", members), ("hidden", hidden), ("tokens", tokens)):
         positive(name, value)
     non_negative("seed", seed)
-    non_negative("plan_budget", plan_budget)
     for k in remove or []:
         positive("remove", k)
     run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
-                 sampling=sampling, budget=budget, windows=windows, seq_len=seq_len, seed=seed, device=device,
-                 batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden, plan_budget=plan_budget,
-                 remove=remove, register=register, progress=progress)
+                 sampling=sampling, active_rows=active_rows, windows=windows, seq_len=seq_len, seed=seed,
+                 device=device, batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden,
+                 tokens=tokens, remove=remove, utility=utility, register=register, progress=progress)
     return 0

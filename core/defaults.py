@@ -4,7 +4,8 @@ The calibration size was chosen with ``benchmarks/calibration_size.py`` on devel
 pruning-quality benchmark never reports: on Gemma-3-270M, the K = 2 set that is best on 2 x 256 builtin tokens is
 within 1.055x / 1.000x of the best on the two development texts, where 4 x 128 tokens (the same cost) picked a set
 1.109x / 1.294x off, and 8 x 128 tokens (twice the cost) 1.149x / 1.139x: the length of a window matters more than
-the number of windows. The main job's budgets keep it within 10 minutes on a 2-core CPU.
+the number of windows. The main job's budgets (:func:`main_job_masks` here, the plan search's in
+``layershap.pruning.budget``) keep it within 10 minutes on a 2-core CPU for the embedded default.
 
 Example:
     >>> from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
@@ -16,7 +17,16 @@ from __future__ import annotations
 
 CALIBRATION_WINDOWS = 2  # token windows every mask is measured on
 CALIBRATION_SEQ_LEN = 256  # tokens per window (BOS added when the model has one)
-MAIN_JOB_MASKS = 96  # stratified masks of the main job (full model and every leave-one-out included)
-PLAN_BUDGET = 88  # new calibration passes of the plan search
 SPARSIFY_WINDOWS = 4  # windows of the calibration activations of `layershap sparsify` (Wanda, OWL)
 SPARSIFY_SEQ_LEN = 128  # tokens per such window
+
+
+def main_job_masks(n_layers: int) -> int:
+    """Stratified masks of the main job (full model and every leave-one-out included): three per layer, at least
+    48. They teach the surrogate the whole pruning range; the plan search's rows come on top and teach it too.
+
+    Example:
+        >>> main_job_masks(18), main_job_masks(32)
+        (54, 96)
+    """
+    return max(48, 3 * n_layers)

@@ -37,9 +37,9 @@ import numpy as np
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_masks
 
-from .evaluate import Measurement
 from .loading import require_package
 from .measure import MASKS_PER_CALL, measure_masks, trie_groups
+from .measurement import Measurement
 from .ray_worker import MaskWorker
 
 RAY_PIP = "pip install 'layershap[ray]'"

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +34,8 @@ from layershap.core.masks import check_masks
 
 from .head_loss import HeadPass, KLReference, logits_at, tiled_head_pass, token_kl
 from .layers import _text_config, find_layers, skip_layers
+from .measurement import DEFAULT_TOP_K, UTILITIES, Measurement
+from .positions import position_limit
 from .prefix import PrefixRunner, plan_prefix_runs
 
 # Largest logits tile (tokens x vocab elements) materialised at once. Small tiles on CPU stay in cache.
@@ -61,33 +62,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def position_limit(model: nn.Module) -> int | None:
-    """The most token positions ``model`` can attend over (its text config's ``max_position_embeddings``; GPT-2's
-    ``n_positions``), or None when the config names no limit.
-
-    Example:
-        >>> position_limit(AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024)))
-        1024
-    """
-    limit = getattr(_text_config(model), "max_position_embeddings", None)
-    return int(limit) if isinstance(limit, int) and limit > 0 else None
-
-
-def fit_seq_len(model: nn.Module, tokenizer, seq_len: int) -> int:
-    """``seq_len`` shortened, where needed, so that a window plus its BOS token fits the model's position limit
-    (for default window lengths; a length the user asked for is checked by :class:`MaskedEvaluator` instead).
-
-    Example:
-        >>> fit_seq_len(gpt2_model, gpt2_tokenizer, 2048)   # n_positions = 1024, BOS prepended
-        1023
-    """
-    limit = position_limit(model)
-    if limit is None:
-        return seq_len
-    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
-    return max(1, min(seq_len, limit - bos))
-
-
 def token_nll_generic(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None,
                       chunk_tokens: int) -> torch.Tensor:
     """Per-token -log p(target), ``float32[T]``, for any head module (called on token chunks; full logits each).
@@ -103,39 +77,6 @@ def token_nll_generic(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
         tgt = targets[start : start + chunk_tokens]
         out[start : start + logits.shape[0]] = torch.logsumexp(logits, dim=1) - logits.gather(1, tgt[:, None])[:, 0]
     return out
-
-
-UTILITIES = ("nll", "kl")
-DEFAULT_TOP_K = 512  # dense next-token log-probabilities kept per token for the KL utility
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """Per-window mean token losses of ``k`` masks: ``nll`` float64[k, W] and, for the KL utility, ``kl`` (KL of
-    the dense model's next-token distribution to the masked model's) float64[k, W]. Windows are equally long, so
-    a mask's value is the mean over its windows.
-
-    Example:
-        >>> m = evaluator.measure(masks); m.loss("nll"), m.window_loss("kl").shape
-    """
-
-    nll: np.ndarray
-    kl: np.ndarray | None = None
-
-    def window_loss(self, utility: str) -> np.ndarray:
-        """``float64[k, W]``: the utility's per-window values."""
-        values = self.nll if utility == "nll" else self.kl
-        if values is None:
-            raise LayershapError(f"this measurement has no {utility!r} values; measure with utility={utility!r}")
-        return values
-
-    def loss(self, utility: str) -> np.ndarray:
-        """``float64[k]``: the utility's mean over the windows."""
-        return self.window_loss(utility).mean(axis=1)
-
-    def take(self, rows: np.ndarray) -> Measurement:
-        """The measurement of the masks at ``rows``."""
-        return Measurement(self.nll[rows], None if self.kl is None else self.kl[rows])
 
 
 class MaskedEvaluator:

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from layershap.core.errors import MaskError
 from layershap.core.masks import check_masks, unique_rows
 
-from .evaluate import MaskedEvaluator, Measurement
+from .evaluate import MaskedEvaluator
 from .layers import find_layers, layer_types
 from .loading import LoadedModel
+from .measurement import Measurement
 from .prefix import trie_order
 from .store import DatasetStore
 from .text import windows_sha256

@@ -25,7 +25,8 @@ from .evaluate import MaskedEvaluator
 from .loading import LoadedModel, load_model
 from .measure import CachedOracle, dataset_identity
 from .store import DatasetStore
-from .text import CalibrationText, load_text, make_windows, validation_windows
+from .text import CalibrationText, load_text, make_windows, tokenize_stream
+from .windows import blocks_that_fit, decision_windows, validation_windows
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _is_new(out: Path) -> bool:
 
 
 def _check_request(masks: str, n_masks: int | None, text: str, out: Path, windows: int, seq_len: int,
-                   seed: int) -> tuple[CalibrationText, DatasetStore | None]:
+                   seed: int, utility: str = "nll") -> tuple[CalibrationText, DatasetStore | None]:
     """Cheap checks before any model is loaded: the mask spec, and an existing store at ``out`` must be a
     layershap store made from the same text with the same window count and length that the masks fit.
     Returns the text and the existing store (``None`` for a new one)."""
@@ -55,7 +56,8 @@ def _check_request(masks: str, n_masks: int | None, text: str, out: Path, window
         return calibration, None
     existing = DatasetStore.open(out)
     parse_mask_spec(masks, existing.n_layers, n_masks, seed)
-    existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len})
+    existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len,
+                             "utility": utility})
     print(f"extending {out}: {len(existing)} rows stored")
     return calibration, existing
 
@@ -74,12 +76,14 @@ def open_session(
     batch_size: int = 4,
     cache_mb: int | None = None,
     device_map: str | None = None,
+    utility: str = "nll",
 ) -> OracleSession:
     """Check the request and any existing store cheaply, then load the model and open (or create) the store.
 
     ``masks`` is a mask spec (``loo``, ``stratified``, ``stratified-all``, ``file:PATH``); ``n_masks`` applies to
-    the stratified specs only; ``device_map`` (``auto``, ...) shards the model over the GPUs (accelerate). Prints
-    one line about the store and the masks still to measure.
+    the stratified specs only; ``device_map`` (``auto``, ...) shards the model over the GPUs (accelerate);
+    ``utility``: what a row measures (``nll``, or ``kl`` to the dense model). Prints one line about the store and
+    the masks still to measure.
 
     Example:
         >>> s = open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr")
@@ -87,10 +91,10 @@ def open_session(
     if device == "cuda" and not torch.cuda.is_available():
         raise LayershapError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     out = Path(out)
-    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed)
+    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed, utility)
     loaded = load_model(model, device=device, device_map=device_map)
     token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
-    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len)
+    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len, utility=utility)
     wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
     store = DatasetStore.create_or_open(out, identity, token_windows)  # identity mismatch -> error, nothing written
     todo = int(store.missing(wanted).sum())
@@ -100,27 +104,64 @@ def open_session(
         f"{len(wanted) - todo} already stored, {todo} to measure"
     )
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
-                                cache_mb=cache_mb)
+                                cache_mb=cache_mb, utility=utility)
     return OracleSession(loaded, store, evaluator, wanted)
 
 
 def open_validation(session: OracleSession, *, text: str, out: str | Path, windows: int, seq_len: int, seed: int,
                     batch_size: int = 4, cache_mb: int | None = None, progress: bool = True) -> CachedOracle:
     """An oracle on validation windows of the session's text, disjoint from its calibration windows
-    (:func:`~layershap.oracle.text.validation_windows`), backed by its own store at ``out`` (resumable).
+    (:func:`~layershap.oracle.windows.validation_windows`), backed by its own store at ``out`` (resumable).
 
     Example:
         >>> val = open_validation(session, text="builtin", out="runs/x/validation.zarr", windows=4, seq_len=128, seed=0)
         >>> val.loss(masks)
     """
+    token_windows = validation_windows(session.loaded.tokenizer, load_text(text).text, windows, seq_len, seed)
+    return _block_oracle(session, text, Path(out), token_windows, seq_len, batch_size, cache_mb, progress,
+                         "validation windows")
+
+
+def open_decision_blocks(session: OracleSession, *, text: str, out: str | Path, windows: int, seq_len: int,
+                         seed: int, block_windows: int, block_seq_len: int, n_blocks: int, batch_size: int = 4,
+                         cache_mb: int | None = None, progress: bool = True) -> list[CachedOracle]:
+    """Oracles on ``n_blocks`` blocks of decision windows of the session's text (each block ``block_windows`` x
+    ``block_seq_len`` tokens, disjoint from the calibration windows — ``windows`` x ``seq_len``, ``seed`` — and
+    from each other: :func:`~layershap.oracle.windows.decision_windows`), each backed by its own store
+    ``out/decision-<b>.zarr`` (resumable), measuring the session's utility. Fewer blocks come back when the text
+    holds fewer (a line says so).
+
+    Example:
+        >>> blocks = open_decision_blocks(session, text="builtin", out="runs/x", windows=2, seq_len=256, seed=0,
+        ...                               block_windows=4, block_seq_len=256, n_blocks=3)
+        >>> [b.window_loss(masks) for b in blocks]
+    """
     loaded = session.loaded
     calibration = load_text(text)
-    token_windows = validation_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
-    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len)
-    store = DatasetStore.create_or_open(Path(out), identity, token_windows)
+    stream = tokenize_stream(loaded.tokenizer, calibration.text)
+    fit = blocks_that_fit(stream.size, windows, seq_len, block_windows, block_seq_len)
+    if fit < n_blocks:
+        print(f"the text holds {fit} of the {n_blocks} decision blocks of {block_windows} x {block_seq_len} tokens "
+              f"asked for; deciding on {fit}")
+    if fit == 0:
+        raise LayershapError(f"the text ({stream.size} tokens) has no room for a decision block of {block_windows} "
+                             f"x {block_seq_len} tokens beside the calibration windows; use a longer text, or "
+                             "shorter or fewer windows")
+    blocks = decision_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed, block_windows,
+                              block_seq_len, min(fit, n_blocks))
+    return [_block_oracle(session, text, Path(out) / f"decision-{b}.zarr", w, block_seq_len, batch_size, cache_mb,
+                          progress, f"decision block {b}") for b, w in enumerate(blocks)]
+
+
+def _block_oracle(session: OracleSession, text: str, path: Path, token_windows: np.ndarray, seq_len: int,
+                  batch_size: int, cache_mb: int | None, progress: bool, label: str) -> CachedOracle:
+    loaded = session.loaded
+    utility = session.evaluator.utility
+    identity = dataset_identity(loaded, load_text(text).text_id, token_windows, seq_len, utility=utility)
+    store = DatasetStore.create_or_open(path, identity, token_windows)
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
-                                cache_mb=cache_mb)
-    return CachedOracle(evaluator, store, label="validation windows", progress=progress)
+                                cache_mb=cache_mb, utility=utility, top_k=session.evaluator.top_k)
+    return CachedOracle(evaluator, store, label=label, progress=progress)
 
 
 def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, workers: int,

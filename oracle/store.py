@@ -21,6 +21,9 @@ Crash safety: ``n_rows`` (the committed row count) is written only after the row
 Rows beyond ``n_rows`` (an append killed half-way) are ignored and overwritten by the next append. A new
 store is built in a hidden sibling folder and renamed into place, so a half-created store never exists.
 
+Over 300 lines because opening, creating and appending share one set of crash-safety and identity rules that read
+best in one class.
+
 Example:
     >>> store = DatasetStore.create_or_open("runs/x.zarr", identity, windows)
     >>> todo = masks[store.missing(masks)]

@@ -1,8 +1,10 @@
 """The main job as library calls: oracle on stratified masks -> verified depth-pruning plans (search with the oracle
-in the loop, chosen on validation windows) -> surrogate ensemble on every row (kept in memory) -> layer scores
-(the index the data support) -> summary: a table of layer, score ± s.e., rank and leave-one-out perplexity, and
-the plans for K = 1 .. 30 % of the layers. Everything goes into one folder; running the same job again resumes
-and never measures a mask twice. The trained surrogate is added to the registry (``layershap registry``).
+in the loop on the calibration windows, decided on blocks of fresh windows) -> surrogate ensemble on every row
+(the stratified and the search's rows) -> layer scores (the index the data support) -> summary: a table of layer,
+score ± s.e., rank and leave-one-out perplexity, and the plans for K = 1 .. 30 % of the layers with how sure each
+is. The whole job's token budget (sized by depth, K range and device, or given) is printed before anything is
+measured. Everything goes into one folder; running the same job again resumes and never measures a mask twice.
+The trained surrogate is added to the registry (``layershap registry``).
 
 Example:
     >>> summary = run_main_job(model="gemma-3-270m", out=Path("runs/gemma-3-270m"))
@@ -18,18 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, main_job_masks
+from layershap.core.errors import LayershapError
 from layershap.core.jsonio import write_json, write_text_atomic
 from layershap.oracle.measure import measure_masks
 from layershap.oracle.session import open_session
 from layershap.oracle.store import DatasetStore
+from layershap.sampling.specs import parse_mask_spec
 from layershap.shapley.scores_io import ScoresRecord
 from layershap.surrogate.metrics import training_report
 from layershap.surrogate.network import DEFAULT_HIDDEN
 from layershap.surrogate.train import train_surrogate
 
 from .active import run_active_sampling
-from .plans import DEPTH_REDUCTIONS, PLANS_FILE, format_plans, run_plans
+from .plans import DEPTH_REDUCTIONS, default_ks, format_plans, run_plans, session_budget
 from .scores import score_surrogate
 
 
@@ -52,9 +56,9 @@ def run_main_job(
     model: str = "gemma-3-270m",
     text: str = "builtin",
     out: Path | None = None,
-    n_masks: int = MAIN_JOB_MASKS,
+    n_masks: int | None = None,
     sampling: str = "stratified",
-    budget: int | None = None,
+    active_rows: int | None = None,
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
@@ -63,18 +67,21 @@ def run_main_job(
     cache_mb: int | None = None,
     members: int = 8,
     hidden: int = DEFAULT_HIDDEN,
-    plan_budget: int = PLAN_BUDGET,
+    tokens: int | None = None,
     remove: list[int] | None = None,
+    utility: str = "nll",
     register: bool = True,
     progress: bool = True,
 ) -> dict:
     """Run the main job into ``out`` (default :func:`default_out`); returns the summary (also summary.json).
 
-    Writes ``dataset.zarr``, ``validation.zarr``, ``plans.json``, ``surrogate/``, ``scores.json`` (+ PNGs),
-    ``summary.json`` and, with ``budget`` (active sampling: total oracle rows), ``active_sampling.json``.
-    ``plan_budget``: oracle passes for plan candidates, counted over the store's life (a rerun spends only what
-    is left); ``remove``: the K values to plan (default 1 .. 30 % of the layers); ``register``: add the
-    surrogate to the registry.
+    Writes ``dataset.zarr``, ``decision-<b>.zarr``, ``plans.json``, ``surrogate/``, ``scores.json`` (+ PNGs),
+    ``summary.json`` and, with ``active_rows`` (active sampling: total stratified + active rows),
+    ``active_sampling.json``. ``n_masks``: stratified masks (default :func:`~layershap.core.defaults.main_job_masks`
+    of the depth); ``tokens``: the whole job's oracle tokens (default: what the depth, K range and device need;
+    a smaller total shrinks the plan search in proportion, a total below what the K range needs is refused before
+    anything is measured); ``remove``: the K values to plan (default 1 .. 30 % of the layers); ``utility``: ``nll``
+    or ``kl``; ``register``: add the surrogate to the registry.
 
     Example:
         >>> run_main_job(model="./tiny", out=Path("runs/tiny"), n_masks=24, windows=2, seq_len=16)
@@ -85,25 +92,32 @@ def run_main_job(
     store_path, surrogate_dir, scores_path = out / "dataset.zarr", out / "surrogate", out / "scores.json"
 
     _heading("1/5 oracle: measure log-perplexity of layer masks")
-    session = open_session(model=model, text=text, masks=sampling, n_masks=n_masks, out=store_path,
-                           windows=windows, seq_len=seq_len, seed=seed, device=device, batch_size=batch_size,
-                           cache_mb=cache_mb)
+    session = open_session(model=model, text=text, masks="loo", out=store_path, windows=windows, seq_len=seq_len,
+                           seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb, utility=utility)
     store, evaluator = session.store, session.evaluator
-    measure_masks(evaluator, store, session.masks, progress=progress)
-    if budget is not None:
-        report = run_active_sampling(evaluator, store, budget=budget, seed=seed, members=members, hidden=hidden,
-                                     progress=progress)
+    n = store.n_layers
+    count = main_job_masks(n) if n_masks is None else n_masks
+    stratified = parse_mask_spec(sampling, n, count, seed)
+    ks = remove or default_ks(n)
+    stratified_tokens = len(stratified) * evaluator.n_tokens
+    if tokens is not None and tokens <= stratified_tokens:
+        raise LayershapError(f"--tokens {tokens:,} leaves nothing for the plans: the {len(stratified)} stratified "
+                             f"masks alone take {stratified_tokens:,} tokens; give more tokens or fewer --n-masks")
+    budget = session_budget(session, ks, None if tokens is None else tokens - stratified_tokens)
+    print(f"job budget: at most {stratified_tokens + budget.tokens():,} oracle tokens — {len(stratified)} stratified "
+          f"masks ({stratified_tokens:,} tokens), then the plans: {budget.describe()}")
+    measure_masks(evaluator, store, stratified, progress=progress)
+    if active_rows is not None:
+        report = run_active_sampling(evaluator, store, budget=active_rows, seed=seed, members=members,
+                                     hidden=hidden, progress=progress)
         write_text_atomic(out / "active_sampling.json", json.dumps(report, indent=2, default=str))
     print(f"{len(store)} masks measured in {store_path}")
 
-    _heading("2/5 plans: search removal sets with the oracle in the loop")
-    planned = len(store) - int((~store.missing(session.masks)).sum())  # plan rows of earlier runs
-    if (out / PLANS_FILE).is_file():  # a finished plan stage: choose again from the stored rows, measure nothing
-        planned = plan_budget
-    plans = run_plans(session, text=text, out=out, ks=remove, budget=max(0, plan_budget - planned),
-                      windows=windows, seq_len=seq_len, seed=seed, batch_size=batch_size, cache_mb=cache_mb,
-                      progress=progress)
-    print(f"{plans['passes']} new plan candidates measured; {len(store)} rows in {store_path}")
+    _heading("2/5 plans: search removal sets with the oracle in the loop, decide on fresh windows")
+    plans = run_plans(session, text=text, out=out, ks=ks, budget=budget, seed=seed, batch_size=batch_size,
+                      cache_mb=cache_mb, progress=progress)
+    print(f"{plans['passes']} new screening passes, {plans['decision_passes']} decision passes; {len(store)} rows in "
+          f"{store_path}")
 
     _heading("3/5 surrogate: learn mask -> log-perplexity")
     surrogate = train_surrogate(store, surrogate_dir, members=members, seed=seed, hidden=hidden, progress=progress)
@@ -122,7 +136,7 @@ def run_main_job(
 
         entry = register_trained(surrogate_dir, getattr(session.loaded.model.config, "model_type", None))
         print(f"registered the surrogate as {entry.family}/{entry.id} (layershap registry list)")
-    print(f"\nwrote {out}/: dataset.zarr, validation.zarr, plans.json, surrogate/, scores.json (+ .png), "
+    print(f"\nwrote {out}/: dataset.zarr, decision-*.zarr, plans.json, surrogate/, scores.json (+ .png), "
           f"summary.json ({time.perf_counter() - started:.0f} s in all)")
     return summary
 
@@ -153,13 +167,14 @@ def summarize(record: ScoresRecord, store: DatasetStore, plans: dict) -> dict:
         p = by_k[k]
         suggestions.append({
             "depth_reduction": frac, "remove": k, "layers": p["removed"], "measured_perplexity": p["perplexity"],
-            "validation_perplexity": p["validation_perplexity"],
+            "decision_perplexity": p["decision_perplexity"], "margin_se": p["margin_se"],
             "lowest_score_layers": sorted(int(i) for i in ranking[:k]),
         })
     return {"model_id": record.model_id, "n_layers": n, "index": scores.index,
             "full_perplexity": math.exp(full_nll), "layers": layers, "plans": plans["plans"],
-            "plan_passes": plans["passes"], "validation_passes": plans["validation_passes"],
-            "plan_search_stopped": plans["stopped"], "suggestions": suggestions}
+            "plan_document": {key: plans[key] for key in ("utility", "calibration", "decision", "passes",
+                                                          "decision_passes", "stopped", "full_perplexity")},
+            "suggestions": suggestions}
 
 
 def format_summary(summary: dict) -> str:
@@ -178,9 +193,7 @@ def format_summary(summary: dict) -> str:
     lines.append("")
     lowest = {int(p["k"]): sorted(int(i) for i in np.argsort([r["score"] for r in summary["layers"]],
                                                             kind="stable")[: int(p["k"])]) for p in summary["plans"]}
-    lines.append(format_plans({"plans": summary["plans"], "full_perplexity": summary["full_perplexity"],
-                               "passes": summary["plan_passes"], "validation_passes": summary["validation_passes"],
-                               "stopped": summary["plan_search_stopped"]}, lowest))
+    lines.append(format_plans({**summary["plan_document"], "plans": summary["plans"]}, lowest))
     lines.append("depth reductions: " + "; ".join(
         f"{s['depth_reduction']:.0%} -> remove {s['layers']}" for s in summary["suggestions"]))
     return "\n".join(lines)

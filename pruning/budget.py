@@ -6,8 +6,9 @@ full model and every leave-one-out set, a focused initial sample per K, then the
 screened sets of each K race there block by block until one is ahead by a margin the measured noise supports
 (:mod:`layershap.pruning.race`). Budgets count tokens, since the two fidelities cost differently per pass:
 
-- screening: ``n + 1`` leave-one-out passes, :data:`INITIAL_PER_K` initial sets per K, and ``search_per_k`` more
-  per K (default: ``n``, so the search grows with the number of layers it chooses among);
+- screening: ``n + 1`` leave-one-out passes, :data:`INITIAL_PER_K` initial sets per K (and as many of the largest
+  K plus one, which the proposal model learns from), and ``search_per_k`` more per K (default: ``n``, so the
+  search grows with the number of layers it chooses among);
 - decisions: at most ``candidates`` sets per K, each on at most ``max_blocks`` blocks.
 
 :func:`plan_budget` sizes all of it; given a total token budget it shrinks the search and decision shares in
@@ -52,8 +53,8 @@ class PlanBudget:
 
     @property
     def screen_passes(self) -> int:
-        """Most screening passes: leave-one-out, then initial and search passes per K."""
-        return self.loo_passes + len(self.ks) * (INITIAL_PER_K + self.search_per_k)
+        """Most screening passes: leave-one-out, then initial and search passes per K (+ the largest K's + 1)."""
+        return self.loo_passes + INITIAL_PER_K + len(self.ks) * (INITIAL_PER_K + self.search_per_k)
 
     @property
     def decision_passes(self) -> int:
@@ -73,13 +74,13 @@ class PlanBudget:
         return (f"plan budget for {self.n_layers} layers, K = {', '.join(map(str, self.ks))}: at most "
                 f"{self.tokens():,} tokens — screening {self.screen_passes} passes of {self.screen_tokens} tokens "
                 f"({self.loo_passes} leave-one-out, then {INITIAL_PER_K} initial + {self.search_per_k} search per "
-                f"K); decisions: the best {self.candidates} sets per K race on up to {self.max_blocks} blocks of "
+                f"K, {INITIAL_PER_K} initial of K = {self.ks[-1] + 1}); decisions: the best {self.candidates} sets per K race on up to {self.max_blocks} blocks of "
                 f"{self.block_tokens} fresh tokens ({self.decision_passes} block passes at most)")
 
 
 def minimum_screen_passes(n_layers: int, ks) -> int:
     """Leave-one-out plus the initial sets of every K: what any plan search needs before its first round."""
-    return n_layers + 1 + INITIAL_PER_K * len(ks)
+    return n_layers + 1 + INITIAL_PER_K * (len(ks) + 1)
 
 
 def plan_budget(n_layers: int, ks, *, device: str = "cpu", screen_tokens: int | None = None,

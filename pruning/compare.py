@@ -34,10 +34,11 @@ import numpy as np
 from layershap.core.errors import LayershapError
 from layershap.core.jsonio import jsonable, write_json
 from layershap.core.masks import check_removal_count
-from layershap.oracle.evaluate import MaskedEvaluator, fit_seq_len
+from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.identity import check_same_model
 from layershap.oracle.loading import LoadedModel, load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity, measure_masks
+from layershap.oracle.positions import fit_seq_len
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows, windows_sha256
 from layershap.sampling.stratified import stratified_masks

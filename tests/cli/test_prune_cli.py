@@ -90,9 +90,9 @@ def test_prune_removes_the_verified_plan_by_default_and_the_lowest_scores_with_b
     run = tmp_path / "run"
     run.mkdir()
     scores = _scores_file(run / "scores.json", 5, [0.1, 0.2, 0.9, 0.8, 0.7], lm.model_id, lm.model_hash)
-    plan = {"k": 2, "removed": [2, 4], "nll": 3.0, "perplexity": 20.1, "validation_nll": 3.1,
-            "validation_perplexity": 22.2}
-    (run / "plans.json").write_text(json.dumps({"format": "layershap-plans", "format_version": 1,
+    plan = {"k": 2, "removed": [2, 4], "loss": 3.0, "perplexity": 20.1, "decision_loss": 3.1,
+            "decision_perplexity": 22.2, "margin_se": 4.0, "runner_up": [2, 3], "separated": True}
+    (run / "plans.json").write_text(json.dumps({"format": "layershap-plans", "format_version": 2,
                                                 "model_id": lm.model_id, "model_hash": lm.model_hash,
                                                 "n_layers": 5, "plans": [plan]}))
     ids = _ids(9)

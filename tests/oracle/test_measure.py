@@ -10,8 +10,8 @@ import pytest
 
 from layershap.core.errors import MaskError
 from layershap.core.masks import unique_rows
-from layershap.oracle.evaluate import Measurement
 from layershap.oracle.measure import CachedOracle, measure_masks
+from layershap.oracle.measurement import Measurement
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
 

@@ -10,7 +10,8 @@ from conftest import make_tiny_tokenizer
 
 from layershap.cli.main import main
 from layershap.core.errors import LayershapError
-from layershap.oracle.evaluate import MaskedEvaluator, fit_seq_len, position_limit
+from layershap.oracle.evaluate import MaskedEvaluator
+from layershap.oracle.positions import fit_seq_len, position_limit
 
 
 def _model(arch: str, limit: int):

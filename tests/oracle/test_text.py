@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from layershap.core.errors import LayershapError, MissingPackageError
-from layershap.oracle.text import eval_windows, load_text, make_windows, validation_windows, windows_sha256
+from layershap.oracle.text import eval_windows, load_text, make_windows, windows_sha256
+from layershap.oracle.windows import decision_windows, validation_windows
 
 
 class CountingTokenizer:
@@ -227,3 +228,26 @@ def test_validation_windows_avoid_calibration_and_each_other():
 def test_validation_windows_need_room():
     with pytest.raises(LayershapError, match="too few"):
         validation_windows(CountingTokenizer(), counting_text(500), 4, 100, seed=0)
+
+
+def test_decision_blocks_avoid_calibration_and_each_other_and_do_not_depend_on_how_many_are_asked():
+    tok = CountingTokenizer()
+    text = counting_text(6000)
+    calib = make_windows(tok, text, 3, 80, seed=4)
+    blocks = decision_windows(tok, text, 3, 80, 4, 5, 120, 3)  # longer windows than the calibration's
+    assert [b.shape for b in blocks] == [(5, 121)] * 3
+    used = set(calib[:, 1:].ravel().tolist())
+    for block in blocks:
+        tokens = block[:, 1:].ravel().tolist()
+        assert (np.diff(block[:, 1:], axis=1) == 1).all() and len(set(tokens)) == len(tokens)
+        assert not used & set(tokens)  # disjoint from calibration and from the blocks before
+        used |= set(tokens)
+    first_two = decision_windows(tok, text, 3, 80, 4, 5, 120, 2)
+    for a, b in zip(first_two, blocks):
+        np.testing.assert_array_equal(a, b)
+    from layershap.oracle.windows import blocks_that_fit
+
+    room = blocks_that_fit(6000, 3, 80, 5, 120)
+    assert len(decision_windows(tok, text, 3, 80, 4, 5, 120, room)) == room
+    with pytest.raises(LayershapError, match=f"room for {room}"):
+        decision_windows(tok, text, 3, 80, 4, 5, 120, room + 1)

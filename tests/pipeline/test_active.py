@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from layershap.core.errors import LayershapError
-from layershap.oracle.evaluate import Measurement
+from layershap.oracle.measurement import Measurement
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import windows_sha256
 from layershap.pipeline.active import run_active_sampling, stable

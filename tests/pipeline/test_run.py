@@ -43,20 +43,26 @@ def test_run_tiny_model_end_to_end(tmp_path, capsys, monkeypatch):
         assert s["measured_perplexity"] == pytest.approx(
             math.exp(loss_with_layers_deleted(model_dir, windows, s["layers"])), rel=1e-5)
     assert "verified plans" in printed and "LOO ppl" in printed
-    # every plan was measured: calibration and validation perplexities are the real ones on their windows
-    val_windows = DatasetStore.open(out / "validation.zarr").windows
-    assert not {w.tobytes() for w in val_windows} & {w.tobytes() for w in windows}
+    # every plan was measured: calibration and decision perplexities are the real ones on their windows, and the
+    # decision blocks share no window with the calibration windows or each other
+    blocks = [DatasetStore.open(out / f"decision-{b}.zarr").windows for b in range(3)]
+    seen = {w.tobytes() for w in windows}
+    for block in blocks:
+        assert not {w.tobytes() for w in block} & seen
+        seen |= {w.tobytes() for w in block}
     for p in summary["plans"]:
         assert p["perplexity"] == pytest.approx(math.exp(loss_with_layers_deleted(model_dir, windows, p["removed"])),
                                                 rel=1e-5)
-        assert p["validation_perplexity"] == pytest.approx(
-            math.exp(loss_with_layers_deleted(model_dir, val_windows, p["removed"])), rel=1e-5)
+        ran = [loss_with_layers_deleted(model_dir, blocks[b], p["removed"]) for b in range(p["decision_blocks"])]
+        assert p["decision_perplexity"] == pytest.approx(math.exp(np.mean(ran)), rel=1e-5)
+        assert p["separated"] == (p["margin_se"] is None or p["margin_se"] >= 2.0)
     assert [p["k"] for p in summary["plans"]] == [1, 2]  # 1 .. 30 % of 6 layers
     # the surrogate is registered (the test's private registry)
     assert main(["registry", "list"]) == 0 and "tiny" in capsys.readouterr().out
 
     # running again resumes: nothing is re-measured, finished rows keep their values, and the plan budget counts
-    # over the run's life, so a finished run adds no row and chooses the same plans
+    # over the run's life (plans.json records what each K spent), so a finished run adds no row and chooses the
+    # same plans
     before = {m.tobytes(): (v, s) for m, v, s in zip(store.masks, store.nll, store.seconds)}
     assert main(argv) == 0
     again = DatasetStore.open(out / "dataset.zarr")
@@ -88,7 +94,7 @@ def test_run_with_active_sampling_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", 5, seed=2)
     out = tmp_path / "run"
-    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-masks", "14", "--budget", "24",
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-masks", "14", "--active-rows", "24",
             "--windows", "1", "--seq-len", "16", "--members", "2", "--hidden", "16", "--no-progress"]
     assert main(argv) == 0
     report = json.loads((out / "active_sampling.json").read_text())
@@ -97,4 +103,13 @@ def test_run_with_active_sampling_budget(tmp_path, monkeypatch):
     assert len(keys) == len(set(keys))                      # no mask measured twice
     assert report["stopped"] in ("stable", "budget", "exhausted")
     plans = json.loads((out / "plans.json").read_text())
-    assert len(store) <= 24 + plans["passes"]                # budget, plus the plan candidates
+    # active rows are not plan passes: the plan stage still searched (it spent 0 passes before this fix)
+    assert plans["passes"] > 0 and len(store) == report["rows"] + plans["passes"]
+    # a rerun asking for a new K measures that K's sets; the K planned before spend nothing more
+    before = len(store)
+    assert main(argv + ["--remove", "1,2,3"]) == 0
+    again = json.loads((out / "plans.json").read_text())
+    grown = DatasetStore.open(out / "dataset.zarr")
+    new_sets = {int((~m).sum()) for m in grown.masks[before:]}
+    assert again["passes"] > 0 and new_sets and new_sets <= {3, 4}
+    assert again["spent"]["2"] == plans["spent"]["2"]

@@ -9,6 +9,7 @@ import pytest
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import masks_from_removed
+from layershap.pruning.budget import INITIAL_PER_K, plan_budget
 from layershap.pruning.plan import find_plans, removal_set
 from layershap.shapley.exact import exact_semivalue
 
@@ -57,60 +58,117 @@ class GameOracle:
         return masks_from_removed(sets, N), np.array([self.known[s] for s in sets])
 
 
+def budget(ks, search=4, **kw):
+    return plan_budget(N, ks, search_per_k=search, **kw)
+
+
 def test_lowest_scores_are_wrong_here_and_the_plan_is_right():
     shapley = exact_semivalue(lambda m: -game_nll(m), N, progress=False).values
     lowest2 = tuple(sorted(np.argsort(shapley, kind="stable")[:2].tolist()))
     assert lowest2 != brute_best(2)  # the game is built so that scores mislead at K = 2
-    res = find_plans(GameOracle(), [1, 2, 3, 4], budget=45, seed=0, progress=False)
+    res = find_plans(GameOracle(), [1, 2, 3, 4], budget([1, 2, 3, 4]), seed=0, progress=False)
     for k in (1, 2, 3, 4):
         assert res.plans[k].removed == brute_best(k)
-        assert res.plans[k].nll == pytest.approx(game_nll(masks_from_removed([brute_best(k)], N))[0])
+        assert res.plans[k].loss == pytest.approx(game_nll(masks_from_removed([brute_best(k)], N))[0])
 
 
-def test_never_remeasures_a_stored_mask_and_respects_the_budget():
+def test_never_remeasures_a_stored_mask_and_respects_each_k_s_share():
     stored = [()] + [(i,) for i in range(N)] + [(0, 3), (1, 2), (0, 3, 5)]
     oracle = GameOracle(stored)
-    res = find_plans(oracle, [2, 3], budget=17, seed=1, progress=False)
-    assert len(oracle.measured) == len(set(oracle.measured)) == res.passes <= 17
+    b = budget([2, 3], search=2)
+    res = find_plans(oracle, [2, 3], b, seed=1, progress=False)
+    per_k = {k: sum(1 for s in oracle.measured if len(s) == k) for k in (2, 3, 4)}
+    assert len(oracle.measured) == len(set(oracle.measured)) == res.passes
+    assert all(per_k[k] <= res.spent[k] == INITIAL_PER_K + 2 for k in (2, 3))
+    assert per_k[4] <= res.spent[4] == INITIAL_PER_K  # sets of K + 1 for the proposal model: their own share
     assert not set(oracle.measured) & set(stored)
-    again = find_plans(oracle, [2, 3], budget=5, seed=1, progress=False)  # a rerun: stored rows are free
-    assert again.passes <= 5 and len(oracle.measured) == len(set(oracle.measured))
+    # a rerun that already spent its shares measures nothing more; a new K gets its own share
+    again = find_plans(oracle, [2, 3], b, spent=res.spent, seed=1, progress=False)
+    assert again.passes == 0
+    more = find_plans(oracle, [2, 3, 4], budget([2, 3, 4], search=2), spent=res.spent, seed=1, progress=False)
+    assert more.passes > 0 and all(len(s) >= 4 for s in oracle.measured[len(oracle.measured) - more.passes:])
+    assert more.spent[2] == res.spent[2] and more.spent[3] == res.spent[3]
 
 
 def test_a_round_cut_short_by_the_budget_serves_every_k():
-    """With only 3 passes left for a round and K = 2, 3, 4, each K gets one (its local step), not K = 2 all."""
-    full = find_plans(GameOracle(), [2, 3, 4], budget=200, seed=0, progress=False)
-    first_round = full.rounds[0]["passes"]
+    """With one pass left per K for a round and K = 2, 3, 4, each K gets its local step, not K = 2 all."""
+    full = find_plans(GameOracle(), [2, 3, 4], budget([2, 3, 4], search=30), seed=0, progress=False)
+    assert len(full.rounds) >= 2
     oracle = GameOracle()
-    res = find_plans(oracle, [2, 3, 4], budget=first_round + 3, seed=0, progress=False)
-    assert res.passes == first_round + 3 and res.rounds[-1]["measured"] == 3
+    res = find_plans(oracle, [2, 3, 4], budget([2, 3, 4], search=1), seed=0, progress=False)
+    assert res.rounds[0]["measured"] == 3
     assert sorted(len(s) for s in oracle.measured[-3:]) == [2, 3, 4]
 
 
-def test_validation_chooses_among_the_best_measured_sets():
-    # validation windows that disagree with calibration about the best pair: by more than the calibration gap,
-    # the plan follows the pooled nll away from it; by less, the clear calibration winner stays
-    def make_validation(penalty):
-        def validation_nll(masks):
-            nll = game_nll(masks)
-            return np.where([removal_set(m) == (0, 3) for m in masks], nll + penalty, nll)
-        return validation_nll
+def test_the_race_on_decision_blocks_overrules_a_misleading_screen():
+    """Screening windows that flatter one pair by more than its true gap: the race on fresh blocks (the true game
+    plus window noise) picks the true best pair and says how sure it is; without blocks the screen's pick stands."""
+    flattered = (0, 5)
 
-    for penalty, moved in ((1.0, True), (0.001, False)):
-        oracle = GameOracle()
-        validation_nll = make_validation(penalty)
-        res = find_plans(oracle, [2], budget=40, seed=0, validation=validation_nll, top_validate=3, progress=False)
-        top3 = [s for s, _ in sorted(oracle.known.items(), key=lambda kv: kv[1]) if len(s) == 2][:3]
-        pooled = {s: oracle.known[s] + validation_nll(masks_from_removed([s], N))[0] for s in top3}
-        assert res.validation_passes == 3 and res.plans[2].validation_nll is not None
-        assert res.plans[2].removed == min(pooled, key=pooled.get)
-        assert (res.plans[2].removed != (0, 3)) == moved
+    def screen_game(masks):
+        nll = game_nll(masks)
+        return np.where([removal_set(m) == flattered for m in masks], nll - 0.5, nll)
+
+    def block(seed):
+        rng = np.random.default_rng(seed)
+
+        def window_loss(masks):
+            return game_nll(masks)[:, None] + rng.normal(0, 0.01, (len(masks), 4))
+        return window_loss
+
+    screened = find_plans(GameOracle(game=screen_game), [2], budget([2]), seed=0, progress=False)
+    assert screened.plans[2].removed == flattered and not screened.races
+    res = find_plans(GameOracle(game=screen_game), [2], budget([2], candidates=3, max_blocks=3),
+                     decide=[block(s) for s in range(3)], seed=0, progress=False)
+    assert res.plans[2].removed == brute_best(2) != flattered
+    race = res.races[2]
+    assert flattered in race.loss and race.margin_se > 3
+    assert res.plans[2].decision_loss == pytest.approx(race.loss[brute_best(2)])
+    assert res.decision_passes == race.passes <= 3 * 3
+
+
+def test_an_80_layer_model_plans_within_its_default_budget():
+    """Deep models: planted cheap layers among 80 (and a pair whose joint removal is cheaper than its parts, but
+    not cheap enough to enter an optimum); the default budget covers leave-one-out and every K up front, sets are
+    scored by index (no dense C(80, K) x 3,240 features), and the optimum of every K is found."""
+    n = 80
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.3, 1.5, n)
+    cheap = [11, 23, 42, 57, 70]
+    a[cheap] = [0.05, 0.06, 0.07, 0.08, 0.09]
+    pair = (30, 31)  # expensive alone, cheap together
+
+    def deep_game(masks):
+        r = (~np.asarray(masks, bool)).astype(float)
+        return 3.0 + r @ a - 1.1 * r[:, pair[0]] * r[:, pair[1]] + 0.01 * r.sum(1) ** 2
+
+    class Deep(GameOracle):
+        n_layers = n
+
+        def rows(self):
+            sets = list(self.known)
+            return masks_from_removed(sets, n), np.array([self.known[s] for s in sets])
+
+        def loss(self, masks):
+            for m in np.asarray(masks, bool):
+                self.known.setdefault(removal_set(m), float(deep_game(m[None])[0]))
+            return np.array([self.known[removal_set(m)] for m in np.asarray(masks, bool)])
+
+    ks = [1, 2, 3, 4, 5, 8]
+    b = plan_budget(n, ks)
+    res = find_plans(Deep(), ks, b, seed=0, progress=False)
+    assert res.passes <= b.screen_passes
+    assert res.plans[1].removed == (11,) and res.plans[2].removed == (11, 23)
+    assert set(res.plans[5].removed) == set(cheap)
+    # K = 8: the five planted layers and the three next cheapest (the pair, 0.79 together, costs more than two
+    # singles of 0.32-0.34), so the optimum is known in closed form
+    rest = [int(i) for i in np.argsort(a) if i not in cheap][:3]
+    assert a[list(pair)].sum() - 1.1 > a[rest[:2]].sum()
+    assert res.plans[8].removed == tuple(sorted(cheap + rest))
 
 
 def test_bad_plan_requests_are_clear_errors():
     with pytest.raises(LayershapError, match="1 <= K"):
-        find_plans(GameOracle(), [N], budget=10, progress=False)
-    with pytest.raises(LayershapError, match="budget"):
-        find_plans(GameOracle(), [2], budget=-1, progress=False)
-    with pytest.raises(LayershapError, match="raise the budget"):  # nothing stored, nothing may be measured
-        find_plans(GameOracle(), [2], budget=0, progress=False)
+        find_plans(GameOracle(), [N], budget([2]), progress=False)
+    with pytest.raises(LayershapError, match="sized for 12 layers"):
+        find_plans(GameOracle(), [2], plan_budget(12, [2]), progress=False)

@@ -1,0 +1,47 @@
+"""What one oracle call returns: per-window mean token losses of a group of masks.
+
+Example:
+    >>> m = Measurement(np.array([[2.0, 3.0]]))
+    >>> m.loss("nll")
+    array([2.5])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from layershap.core.errors import LayershapError
+
+UTILITIES = ("nll", "kl")
+DEFAULT_TOP_K = 512  # dense next-token log-probabilities kept per token for the KL utility
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Per-window mean token losses of ``k`` masks: ``nll`` float64[k, W] and, for the KL utility, ``kl`` (KL of
+    the dense model's next-token distribution to the masked model's) float64[k, W]. Windows are equally long, so
+    a mask's value is the mean over its windows.
+
+    Example:
+        >>> m = evaluator.measure(masks); m.loss("nll"), m.window_loss("kl").shape
+    """
+
+    nll: np.ndarray
+    kl: np.ndarray | None = None
+
+    def window_loss(self, utility: str) -> np.ndarray:
+        """``float64[k, W]``: the utility's per-window values."""
+        values = self.nll if utility == "nll" else self.kl
+        if values is None:
+            raise LayershapError(f"this measurement has no {utility!r} values; measure with utility={utility!r}")
+        return values
+
+    def loss(self, utility: str) -> np.ndarray:
+        """``float64[k]``: the utility's mean over the windows."""
+        return self.window_loss(utility).mean(axis=1)
+
+    def take(self, rows: np.ndarray) -> Measurement:
+        """The measurement of the masks at ``rows``."""
+        return Measurement(self.nll[rows], None if self.kl is None else self.kl[rows])
