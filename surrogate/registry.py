@@ -22,6 +22,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -94,6 +96,41 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# A file changed less than this long ago is hashed again on every read: a rewrite within the file system's
+# timestamp granularity can leave size, mtime and ctime as they were (git's "racily clean" index entries).
+RACY_NS = 2_000_000_000
+
+
+class DigestCache:
+    """sha256 of files, reused while a file's (device, inode, size, mtime, ctime) stay the same, so listing the
+    registry reads no unchanged file twice. ``ctime`` is set by the kernel on every write or ``touch``, so a file
+    altered and given its old mtime back is still hashed again. Thread-safe.
+
+    Example:
+        >>> cache = DigestCache()
+        >>> cache.sha256(Path("entry/surrogate/member_0.pt")) == cache.sha256(Path("entry/surrogate/member_0.pt"))
+        True
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, ...], str]] = {}
+        self._lock = threading.Lock()
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            hit = self._known.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        digest = _sha256(path)
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS
+        if settled and path.stat().st_ctime_ns == st.st_ctime_ns:  # and not written while it was read
+            with self._lock:
+                self._known[path] = (stamp, digest)
+        return digest
+
+
 def _fingerprint(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
@@ -120,6 +157,7 @@ class Registry:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._digests = DigestCache()  # file verification results, kept while the files are unchanged
 
     # ------------------------------------------------------------ reading
     def entries(self, family: str | None = None) -> list[Entry]:
@@ -166,7 +204,7 @@ class Registry:
         path = builtin_dir()
         try:
             meta = json.loads((path / METADATA_FILE).read_text())
-            hashes = {name: _sha256(path / name) for name in [METADATA_FILE, *meta["member_files"]]}
+            hashes = {name: self._digests.sha256(path / name) for name in [METADATA_FILE, *meta["member_files"]]}
             return Entry(BUILTIN_ID, family_of(meta), path, builtin=True, info=describe(meta) | {"added": None},
                          fingerprint=_fingerprint(hashes))
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -186,7 +224,7 @@ class Registry:
                 file = path / SURROGATE_DIR / check_name(name, "file name")
                 if not file.is_file():
                     raise ValueError(f"file {SURROGATE_DIR}/{name} is missing (half-copied?)")
-                if _sha256(file) != digest:
+                if self._digests.sha256(file) != digest:
                     raise ValueError(f"file {SURROGATE_DIR}/{name} does not match its recorded sha256 (truncated "
                                      "or altered)")
             entry.info = dict(doc["info"])
