@@ -7,26 +7,13 @@ Example:
 
 from __future__ import annotations
 
-import ipaddress
+import copy
 import socket
 from pathlib import Path
 
+from layershap.serve.guard import is_loopback
+
 MIN_TOKEN_CHARS = 16
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1).
-
-    Example:
-        >>> is_loopback("127.0.0.1"), is_loopback("0.0.0.0")
-        (True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(token_file: Path | None) -> str | None:
@@ -106,11 +93,13 @@ def serve(
                     max_exact_layers=max_exact_layers, max_budget=max_budget)
     reg = Registry(registry_root(registry))
     torch.set_num_threads(1)  # one request per thread: intra-op threads would only fight over the cores
-    app = create_app(reg, limits, token)
+    app = create_app(reg, limits, token, loopback_hosts=is_loopback(host))
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"layershap serve: registry {reg.root}; listening on http://{shown}:{sock.getsockname()[1]} "
           f"(docs at /docs)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # the service's own log lines as uvicorn's errors
+    log_config["loggers"]["layershap.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config = uvicorn.Config(app, log_level=log_level, log_config=log_config, timeout_keep_alive=30)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
