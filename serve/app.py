@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,11 +70,12 @@ def index_of(sur, spec: IndexSpec) -> Index:
     return resolve_index(sur, spec.kind, getattr(spec, "sizes", None))
 
 
-def create_app(registry: Registry, limits: Limits, token: str | None = None, workers: int = 1,
+def create_app(registry: Registry, limits: Limits, token: str | None = None, computations: int = 1,
                loopback_hosts: bool = True) -> Guard:
     """The ASGI application: FastAPI routes behind the :class:`Guard` (``loopback_hosts``: answer only requests
-    addressed to a loopback name, for a server bound to loopback)."""
-    service = Service(registry, limits, workers=workers)
+    addressed to a loopback name, for a server bound to loopback; ``computations``: expensive computations at
+    a time)."""
+    service = Service(registry, limits, computations=computations)
     app = FastAPI(title="layershap", version=package_version(),
                   description="Layer importances, pruning plans and sparsity budgets from trained surrogates.")
     app.state.service = service
@@ -84,7 +87,7 @@ def create_app(registry: Registry, limits: Limits, token: str | None = None, wor
         return _json({"status": "ok", "version": package_version(), "registry": str(registry.root),
                       "entries": sum(e.status == "ok" for e in entries),
                       "corrupt": sum(e.status != "ok" for e in entries),
-                      "cached_answers": service.cache_size(), "limits": limits.__dict__})
+                      "cached_answers": service.cache_size(), "process": os.getpid(), "limits": limits.__dict__})
 
     @app.get("/v1/surrogates")
     def list_surrogates(family: str | None = None) -> Response:

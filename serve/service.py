@@ -4,7 +4,7 @@ Loaded surrogates are kept per entry id and reused while the entry's ``entry.jso
 ``metadata.json``) is unchanged; an entry removed or replaced on disk is noticed on the next request. Expensive
 answers (scores, interactions, removal sets, sparsities) are cached as bytes per (entry fingerprint, normalised
 query) in a bounded LRU; concurrent identical queries compute once, the others wait for the same bytes, and at
-most ``workers`` expensive computations run at a time.
+most ``computations`` expensive computations run at a time (per server process).
 
 Example:
     >>> svc = Service(Registry("/tmp/reg"), Limits())
@@ -38,14 +38,15 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 class Service:
     """Registry access, surrogate reuse and the answer cache shared by all requests (thread-safe)."""
 
-    def __init__(self, registry: Registry, limits: Limits, workers: int = 1, cache_items: int = CACHE_ITEMS) -> None:
+    def __init__(self, registry: Registry, limits: Limits, computations: int = 1,
+                 cache_items: int = CACHE_ITEMS) -> None:
         self.registry, self.limits, self.cache_items = registry, limits, cache_items
         self._loaded: dict[str, tuple[Path, tuple, Entry, Surrogate]] = {}
         self._load_lock = threading.Lock()
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._key_locks: dict[tuple, list] = {}  # key -> [lock, requests using it]
-        self._workers = threading.BoundedSemaphore(workers)
+        self._computing = threading.BoundedSemaphore(computations)
         self.computed = 0  # expensive computations run (cache misses), for tests and health
 
     # ------------------------------------------------------------ surrogates
@@ -82,7 +83,7 @@ class Service:
                 with self._cache_lock:
                     if key in self._cache:
                         return self._cache[key]
-                with self._workers:
+                with self._computing:
                     body = dumps(compute())
                 with self._cache_lock:
                     self.computed += 1

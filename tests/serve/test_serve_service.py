@@ -16,7 +16,7 @@ from layershap.surrogate.registry import Entry, Registry
 
 @pytest.fixture()
 def service(tmp_path) -> tuple[Service, Entry]:
-    return Service(Registry(tmp_path / "reg"), Limits(), workers=4), Entry("e", "llama", tmp_path, fingerprint="f")
+    return Service(Registry(tmp_path / "reg"), Limits(), computations=4), Entry("e", "llama", tmp_path, fingerprint="f")
 
 
 def test_a_raising_computation_leaves_no_lock_and_the_next_request_computes(service):
