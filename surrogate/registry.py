@@ -22,8 +22,6 @@ import json
 import os
 import re
 import shutil
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -32,6 +30,7 @@ from pathlib import Path
 from layershap.core.errors import LayershapError
 
 from .checkpoint import METADATA_FILE, Surrogate, load_surrogate
+from .digests import DigestCache, sha256
 from .registry_entry import KNOWN_FAMILIES, check_name, describe, family_of
 
 ENTRY_FILE = "entry.json"
@@ -90,45 +89,6 @@ def registry_root(registry: str | Path | None = None) -> Path:
 def builtin_dir() -> Path:
     """The committed Gemma-3-270M surrogate folder, installed as package data of ``layershap.artifacts``."""
     return Path(str(files("layershap.artifacts") / "gemma-3-270m" / "surrogate"))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# A file changed less than this long ago is hashed again on every read: a rewrite within the file system's
-# timestamp granularity can leave size, mtime and ctime as they were (git's "racily clean" index entries).
-RACY_NS = 2_000_000_000
-
-
-class DigestCache:
-    """sha256 of files, reused while a file's (device, inode, size, mtime, ctime) stay the same, so listing the
-    registry reads no unchanged file twice. ``ctime`` is set by the kernel on every write or ``touch``, so a file
-    altered and given its old mtime back is still hashed again. Thread-safe.
-
-    Example:
-        >>> cache = DigestCache()
-        >>> cache.sha256(Path("entry/surrogate/member_0.pt")) == cache.sha256(Path("entry/surrogate/member_0.pt"))
-        True
-    """
-
-    def __init__(self) -> None:
-        self._known: dict[Path, tuple[tuple[int, ...], str]] = {}
-        self._lock = threading.Lock()
-
-    def sha256(self, path: Path) -> str:
-        st = path.stat()
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with self._lock:
-            hit = self._known.get(path)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        digest = _sha256(path)
-        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS
-        if settled and path.stat().st_ctime_ns == st.st_ctime_ns:  # and not written while it was read
-            with self._lock:
-                self._known[path] = (stamp, digest)
-        return digest
 
 
 def _fingerprint(hashes: dict[str, str]) -> str:
@@ -272,7 +232,7 @@ class Registry:
                 shutil.copyfile(src / file_name, dst)
                 with open(dst, "rb+") as fh:
                     os.fsync(fh.fileno())
-                hashes[file_name] = _sha256(dst)
+                hashes[file_name] = sha256(dst)
             now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             doc = {"format": ENTRY_FORMAT, "format_version": 1, "id": entry_id, "family": fam,
                    "source": str(src.resolve()), "files": hashes,

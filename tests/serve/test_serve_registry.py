@@ -15,6 +15,7 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, tiny_surrogate
 
 from layershap.cli.registry import registry_add, registry_list, registry_remove, registry_show
 from layershap.core.errors import LayershapError
+from layershap.surrogate import digests
 from layershap.surrogate import registry as registry_mod
 from layershap.surrogate.checkpoint import load_surrogate
 from layershap.surrogate.registry import (
@@ -190,13 +191,13 @@ def test_register_trained_names_by_data_and_replaces_an_earlier_run(tmp_path, ti
 
 def _count_hashing(monkeypatch) -> list[Path]:
     hashed: list[Path] = []
-    real = registry_mod._sha256
+    real = digests.sha256
 
     def counting(path: Path) -> str:
         hashed.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(registry_mod, "_sha256", counting)
+    monkeypatch.setattr(digests, "sha256", counting)
     return hashed
 
 
@@ -224,7 +225,7 @@ def test_listing_reads_no_unchanged_file_twice_and_still_sees_an_altered_one(tmp
     fresh = [p for p in hashed if p.parent.name == "surrogate" and "tiny-synthetic" in p.parts]
     assert sorted(fresh) == sorted(files * 2)
 
-    monkeypatch.setattr(registry_mod, "RACY_NS", 50_000_000, raising=False)
+    monkeypatch.setattr(digests, "RACY_NS", 50_000_000)
     time.sleep(0.1)  # every file now older than the (shortened) racy window
     first = len(hashed)
     assert [e.status for e in reg.entries()] == ["ok"] * 3
