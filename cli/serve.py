@@ -7,26 +7,13 @@ Example:
 
 from __future__ import annotations
 
-import ipaddress
+import copy
 import socket
 from pathlib import Path
 
+from layershap.serve.guard import is_loopback
+
 MIN_TOKEN_CHARS = 16
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1).
-
-    Example:
-        >>> is_loopback("127.0.0.1"), is_loopback("0.0.0.0")
-        (True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(token_file: Path | None) -> str | None:
@@ -74,6 +61,7 @@ def serve(
     max_body_mb: float = 8.0,
     max_exact_layers: int = 20,
     max_budget: int = 500_000,
+    workers: int = 1,
     log_level: str = "warning",
 ) -> int:
     """Serve layer scores, predictions, removal plans and sparsities of registered surrogates over HTTP.
@@ -87,6 +75,8 @@ def serve(
         max_body_mb: largest request body, in MiB.
         max_exact_layers: largest layer count for exact enumeration (scores, interactions).
         max_budget: largest Monte Carlo budget (value-function evaluations) of one scores query.
+        workers: server processes sharing the port (forked; each answers one request at a time, so use up to
+            one per core for many concurrent clients; each keeps its own cache).
         log_level: uvicorn log level (critical, error, warning, info, debug).
     """
     import torch
@@ -94,6 +84,7 @@ def serve(
 
     from layershap.serve.app import create_app
     from layershap.serve.queries import LayershapError, Limits
+    from layershap.serve.workers import run_workers
     from layershap.surrogate.registry import Registry, registry_root
 
     token = read_token(token_file)
@@ -102,15 +93,18 @@ def serve(
                              "secret token (or bind 127.0.0.1)")
     if not 0 <= port <= 65535:
         raise LayershapError(f"--port {port} is outside 0..65535")
+    if workers < 1:
+        raise LayershapError(f"--workers must be at least 1; got {workers}")
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_masks=max_masks,
                     max_exact_layers=max_exact_layers, max_budget=max_budget)
     reg = Registry(registry_root(registry))
     torch.set_num_threads(1)  # one request per thread: intra-op threads would only fight over the cores
-    app = create_app(reg, limits, token)
+    app = create_app(reg, limits, token, loopback_hosts=is_loopback(host))
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"layershap serve: registry {reg.root}; listening on http://{shown}:{sock.getsockname()[1]} "
-          f"(docs at /docs)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30)
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0
+          f"(docs at /docs){f'; {workers} worker processes' if workers > 1 else ''}", flush=True)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # the service's own log lines as uvicorn's errors
+    log_config["loggers"]["layershap.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config = uvicorn.Config(app, log_level=log_level, log_config=log_config, timeout_keep_alive=30)
+    return run_workers(lambda: uvicorn.Server(config).run(sockets=[sock]), workers)

@@ -12,7 +12,9 @@ POST     /v1/surrogates/{id}/sparsities              per-layer sparsities, ``lay
 =======  ==========================================  =====================================================
 
 Errors are ``{"error": "what was wrong and how to fix it"}`` with a 4xx status: 400 bad value, 401/403 token,
-404 unknown id, 409 corrupt entry, 413 body too large, 422 malformed request.
+404 unknown id, 409 corrupt entry, 413 body too large, 415 body not sent as JSON, 421 Host not loopback (on a
+loopback-bound server), 422 malformed request; an unexpected failure is a 500 that names a request id, under
+which the server logs the traceback.
 
 Example:
     >>> app = create_app(Registry(registry_root(None)), Limits(), token=None)
@@ -21,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-import logging
+import os
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -32,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layershap.surrogate.registry import CorruptEntryError, Registry, UnknownEntryError, package_version
 
-from .guard import Guard
+from .guard import ERROR_ID, Guard, internal_error_message, log, request_id
 from .queries import (
     Index,
     LayershapError,
@@ -51,7 +53,6 @@ from .queries import (
 from .schemas import IndexSpec, PredictRequest, RemovalSetsRequest, ScoresRequest, SparsitiesRequest
 from .service import Service
 
-log = logging.getLogger("layershap.serve")
 JSON = "application/json"
 INLINE_MASKS = 64
 
@@ -69,9 +70,12 @@ def index_of(sur, spec: IndexSpec) -> Index:
     return resolve_index(sur, spec.kind, getattr(spec, "sizes", None))
 
 
-def create_app(registry: Registry, limits: Limits, token: str | None = None, workers: int = 1) -> Guard:
-    """The ASGI application: FastAPI routes behind the token / body-size :class:`Guard`."""
-    service = Service(registry, limits, workers=workers)
+def create_app(registry: Registry, limits: Limits, token: str | None = None, computations: int = 1,
+               loopback_hosts: bool = True) -> Guard:
+    """The ASGI application: FastAPI routes behind the :class:`Guard` (``loopback_hosts``: answer only requests
+    addressed to a loopback name, for a server bound to loopback; ``computations``: expensive computations at
+    a time)."""
+    service = Service(registry, limits, computations=computations)
     app = FastAPI(title="layershap", version=package_version(),
                   description="Layer importances, pruning plans and sparsity budgets from trained surrogates.")
     app.state.service = service
@@ -83,7 +87,7 @@ def create_app(registry: Registry, limits: Limits, token: str | None = None, wor
         return _json({"status": "ok", "version": package_version(), "registry": str(registry.root),
                       "entries": sum(e.status == "ok" for e in entries),
                       "corrupt": sum(e.status != "ok" for e in entries),
-                      "cached_answers": service.cache_size(), "limits": limits.__dict__})
+                      "cached_answers": service.cache_size(), "process": os.getpid(), "limits": limits.__dict__})
 
     @app.get("/v1/surrogates")
     def list_surrogates(family: str | None = None) -> Response:
@@ -161,7 +165,7 @@ def create_app(registry: Registry, limits: Limits, token: str | None = None, wor
 
         return Response(service.cached(entry, "sparsities", query, compute), media_type=JSON)
 
-    return Guard(app, token, limits.max_body_bytes)
+    return Guard(app, token, limits.max_body_bytes, loopback_hosts)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
@@ -206,5 +210,9 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}: {exc}); the server keeps running")
+        # the traceback goes to the server log under a request id; the client gets the id, never the exception
+        # text (paths, library internals); the Guard sees ERROR_ID and does not answer or log it a second time
+        rid = request_id()
+        request.scope[ERROR_ID] = rid
+        log.error("internal error %s on %s %s", rid, request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": internal_error_message(rid)}, status_code=500, headers={"x-request-id": rid})

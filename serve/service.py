@@ -4,7 +4,7 @@ Loaded surrogates are kept per entry id and reused while the entry's ``entry.jso
 ``metadata.json``) is unchanged; an entry removed or replaced on disk is noticed on the next request. Expensive
 answers (scores, interactions, removal sets, sparsities) are cached as bytes per (entry fingerprint, normalised
 query) in a bounded LRU; concurrent identical queries compute once, the others wait for the same bytes, and at
-most ``workers`` expensive computations run at a time.
+most ``computations`` expensive computations run at a time (per server process).
 
 Example:
     >>> svc = Service(Registry("/tmp/reg"), Limits())
@@ -38,14 +38,15 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 class Service:
     """Registry access, surrogate reuse and the answer cache shared by all requests (thread-safe)."""
 
-    def __init__(self, registry: Registry, limits: Limits, workers: int = 1, cache_items: int = CACHE_ITEMS) -> None:
+    def __init__(self, registry: Registry, limits: Limits, computations: int = 1,
+                 cache_items: int = CACHE_ITEMS) -> None:
         self.registry, self.limits, self.cache_items = registry, limits, cache_items
         self._loaded: dict[str, tuple[Path, tuple, Entry, Surrogate]] = {}
         self._load_lock = threading.Lock()
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
-        self._workers = threading.BoundedSemaphore(workers)
+        self._key_locks: dict[tuple, list] = {}  # key -> [lock, requests using it]
+        self._computing = threading.BoundedSemaphore(computations)
         self.computed = 0  # expensive computations run (cache misses), for tests and health
 
     # ------------------------------------------------------------ surrogates
@@ -68,26 +69,38 @@ class Service:
 
     # ------------------------------------------------------------ cache
     def cached(self, entry: Entry, kind: str, query: dict, compute: Callable[[], dict]) -> bytes:
-        """Bytes of ``compute()`` for (entry, kind, query), computed at most once while cached."""
+        """Bytes of ``compute()`` for (entry, kind, query), computed at most once while cached. A ``compute``
+        that raises caches nothing (the next request computes again) and leaves no per-key lock behind."""
         key = (entry.id, entry.fingerprint, kind, dumps(query))
         with self._cache_lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            lock = self._key_locks.setdefault(key, threading.Lock())
-        with lock:
+            slot = self._key_locks.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1  # requests holding or waiting for this key's lock
+        try:
+            with slot[0]:
+                with self._cache_lock:
+                    if key in self._cache:
+                        return self._cache[key]
+                with self._computing:
+                    body = dumps(compute())
+                with self._cache_lock:
+                    self.computed += 1
+                    self._cache[key] = body
+                    while len(self._cache) > self.cache_items:
+                        self._cache.popitem(last=False)
+                return body
+        finally:
             with self._cache_lock:
-                if key in self._cache:
-                    return self._cache[key]
-            with self._workers:
-                body = dumps(compute())
-            with self._cache_lock:
-                self.computed += 1
-                self._cache[key] = body
-                while len(self._cache) > self.cache_items:
-                    self._cache.popitem(last=False)
-                self._key_locks.pop(key, None)
-        return body
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._key_locks[key]
+
+    def in_flight(self) -> int:
+        """Queries being computed or waited for now (0 when idle: no per-key lock outlives its requests)."""
+        with self._cache_lock:
+            return len(self._key_locks)
 
     def cache_size(self) -> int:
         with self._cache_lock:

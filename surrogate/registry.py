@@ -30,6 +30,7 @@ from pathlib import Path
 from layershap.core.errors import LayershapError
 
 from .checkpoint import METADATA_FILE, Surrogate, load_surrogate
+from .digests import DigestCache, sha256
 from .registry_entry import KNOWN_FAMILIES, check_name, describe, family_of
 
 ENTRY_FILE = "entry.json"
@@ -90,10 +91,6 @@ def builtin_dir() -> Path:
     return Path(str(files("layershap.artifacts") / "gemma-3-270m" / "surrogate"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _fingerprint(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
@@ -120,6 +117,7 @@ class Registry:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._digests = DigestCache()  # file verification results, kept while the files are unchanged
 
     # ------------------------------------------------------------ reading
     def entries(self, family: str | None = None) -> list[Entry]:
@@ -166,7 +164,7 @@ class Registry:
         path = builtin_dir()
         try:
             meta = json.loads((path / METADATA_FILE).read_text())
-            hashes = {name: _sha256(path / name) for name in [METADATA_FILE, *meta["member_files"]]}
+            hashes = {name: self._digests.sha256(path / name) for name in [METADATA_FILE, *meta["member_files"]]}
             return Entry(BUILTIN_ID, family_of(meta), path, builtin=True, info=describe(meta) | {"added": None},
                          fingerprint=_fingerprint(hashes))
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -186,7 +184,7 @@ class Registry:
                 file = path / SURROGATE_DIR / check_name(name, "file name")
                 if not file.is_file():
                     raise ValueError(f"file {SURROGATE_DIR}/{name} is missing (half-copied?)")
-                if _sha256(file) != digest:
+                if self._digests.sha256(file) != digest:
                     raise ValueError(f"file {SURROGATE_DIR}/{name} does not match its recorded sha256 (truncated "
                                      "or altered)")
             entry.info = dict(doc["info"])
@@ -234,7 +232,7 @@ class Registry:
                 shutil.copyfile(src / file_name, dst)
                 with open(dst, "rb+") as fh:
                     os.fsync(fh.fileno())
-                hashes[file_name] = _sha256(dst)
+                hashes[file_name] = sha256(dst)
             now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             doc = {"format": ENTRY_FORMAT, "format_version": 1, "id": entry_id, "family": fam,
                    "source": str(src.resolve()), "files": hashes,

@@ -59,10 +59,11 @@ def tiny_surrogate(dest: Path) -> Path:
 class Server:
     """`layershap serve` in a subprocess: ``url`` once it listens; ``stop()`` ends it (and only it)."""
 
-    def __init__(self, registry: Path, startup_timeout: float = 90.0, **options: object) -> None:
+    def __init__(self, registry: Path, startup_timeout: float = 90.0, preamble: str = "", **options: object) -> None:
+        """``preamble``: Python statements run in the server process before it starts (e.g. a fault to inject)."""
         opts = ", ".join(f"{k}=Path({str(v)!r})" if isinstance(v, Path) else f"{k}={v!r}"
                          for k, v in options.items())
-        code = ("import sys; from pathlib import Path; from layershap.cli.serve import serve; "
+        code = (f"{preamble}\nimport sys; from pathlib import Path; from layershap.cli.serve import serve; "
                 f"sys.exit(serve(registry=Path({str(registry)!r}), port=0{', ' + opts if opts else ''}))")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1)

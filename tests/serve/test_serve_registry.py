@@ -4,7 +4,9 @@ id validation, and corrupt entries reported beside good ones."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, tiny_surrogate
 
 from layershap.cli.registry import registry_add, registry_list, registry_remove, registry_show
 from layershap.core.errors import LayershapError
+from layershap.surrogate import digests
 from layershap.surrogate import registry as registry_mod
 from layershap.surrogate.checkpoint import load_surrogate
 from layershap.surrogate.registry import (
@@ -184,3 +187,63 @@ def test_register_trained_names_by_data_and_replaces_an_earlier_run(tmp_path, ti
     assert [e.id for e in Registry(tmp_path / "reg").entries()] == [BUILTIN_ID, first.id]
     with pytest.raises(LayershapError, match="already has an entry"):
         Registry(tmp_path / "reg").add(tiny, name=first.id, family="llama")  # plain add still refuses
+
+
+def _count_hashing(monkeypatch) -> list[Path]:
+    hashed: list[Path] = []
+    real = digests.sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(digests, "sha256", counting)
+    return hashed
+
+
+def _flip_a_byte_keeping_size_and_mtime(path: Path) -> None:
+    """Alter one byte in place, then give the file its old mtime back (only ctime then tells it changed)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_listing_reads_no_unchanged_file_twice_and_still_sees_an_altered_one(tmp_path, tiny, monkeypatch):
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    reg.add(tiny)
+    reg.add(tiny, name="other")
+    files = sorted((root / "llama" / "tiny-synthetic" / "surrogate").iterdir())
+    hashed = _count_hashing(monkeypatch)
+    # files written less than RACY_NS ago are hashed on every listing (a same-size rewrite within the
+    # timestamp granularity would look unchanged): both listings read them
+    reg.entries()
+    reg.entries()
+    fresh = [p for p in hashed if p.parent.name == "surrogate" and "tiny-synthetic" in p.parts]
+    assert sorted(fresh) == sorted(files * 2)
+
+    monkeypatch.setattr(digests, "RACY_NS", 50_000_000)
+    time.sleep(0.1)  # every file now older than the (shortened) racy window
+    first = len(hashed)
+    assert [e.status for e in reg.entries()] == ["ok"] * 3
+    builtin = 1 + len(json.loads((ARTIFACT_SURROGATE / "metadata.json").read_text())["member_files"])
+    assert len(hashed) - first <= 2 * len(files) + builtin  # at most each file once (the built-in may be cached)
+    settled = len(hashed)
+    for _ in range(5):
+        assert [e.status for e in reg.entries()] == ["ok"] * 3
+        reg.get("tiny-synthetic")
+    assert len(hashed) == settled  # nothing re-read: listing costs a stat per file
+
+    member = root / "llama" / "tiny-synthetic" / "surrogate" / "member_0.pt"
+    original = member.read_bytes()
+    _flip_a_byte_keeping_size_and_mtime(member)
+    status = {e.id: (e.status, e.reason) for e in reg.entries()}
+    assert status["tiny-synthetic"][0] == "corrupt" and "member_0.pt does not match" in status["tiny-synthetic"][1]
+    assert status["other"] == ("ok", None) and hashed[settled:] == [member]  # only the altered file re-read
+    with pytest.raises(CorruptEntryError):
+        reg.load("tiny-synthetic")
+    member.write_bytes(original)  # put back: the entry is good again
+    assert reg.get("tiny-synthetic").status == "ok"
