@@ -54,8 +54,11 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
     oracle = CachedOracle(session.evaluator, session.store, label="plan candidates", progress=progress)
     validation = open_validation(session, text=text, out=out / "validation.zarr", windows=windows, seq_len=seq_len,
                                  seed=seed, batch_size=batch_size, cache_mb=cache_mb, progress=progress)
-    result = find_plans(oracle, ks, budget=budget, validation=validation.nll, top_validate=top_validate, seed=seed,
-                        progress=progress)
+    try:
+        result = find_plans(oracle, ks, budget=budget, validation=validation.nll, top_validate=top_validate,
+                            seed=seed, progress=progress)
+    finally:
+        validation.store.close()  # the validation store's write lock
     full = float(oracle.nll(np.ones((1, n), dtype=bool))[0])  # measured with the leave-one-out rows
     doc = {
         "format": FORMAT, "format_version": 1,

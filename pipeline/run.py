@@ -20,6 +20,7 @@ import numpy as np
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
 from layershap.core.jsonio import write_json, write_text_atomic
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 from layershap.oracle.measure import measure_masks
 from layershap.oracle.session import open_session
 from layershap.oracle.store import DatasetStore
@@ -58,7 +59,7 @@ def run_main_job(
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
-    device: str = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int = 4,
     cache_mb: int | None = None,
     members: int = 8,
@@ -86,7 +87,7 @@ def run_main_job(
 
     _heading("1/5 oracle: measure log-perplexity of layer masks")
     session = open_session(model=model, text=text, masks=sampling, n_masks=n_masks, out=store_path,
-                           windows=windows, seq_len=seq_len, seed=seed, device=device, batch_size=batch_size,
+                           windows=windows, seq_len=seq_len, seed=seed, loading=loading, batch_size=batch_size,
                            cache_mb=cache_mb)
     store, evaluator = session.store, session.evaluator
     measure_masks(evaluator, store, session.masks, progress=progress)
@@ -104,6 +105,7 @@ def run_main_job(
                       windows=windows, seq_len=seq_len, seed=seed, batch_size=batch_size, cache_mb=cache_mb,
                       progress=progress)
     print(f"{plans['passes']} new plan candidates measured; {len(store)} rows in {store_path}")
+    session.close()  # the store's write lock: nothing below writes to it
 
     _heading("3/5 surrogate: learn mask -> log-perplexity")
     surrogate = train_surrogate(store, surrogate_dir, members=members, seed=seed, hidden=hidden, progress=progress)
