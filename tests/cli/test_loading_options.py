@@ -4,6 +4,8 @@ onto it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,3 +136,23 @@ def test_a_config_file_carries_the_loading_options(tmp_path, recorded, capsys):
     assert main(["evaluate", "--config", str(config), "--device", "auto"]) == 2  # a flag after the file wins
     assert [(c["device"], c["dtype"], c["device_map"]) for c in recorded] == [
         ("cpu", "bfloat16", "balanced"), ("auto", "bfloat16", "balanced")]
+
+
+def test_evaluate_and_prune_run_with_a_device_map_on_the_cpu(tiny_model_dir, tmp_path, capsys):
+    """The real loader with --device-map auto (accelerate keeps a tiny model on the CPU here): the same
+    perplexity as the plain load, and a pruned model that loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    quick = ["--model", str(tiny_model_dir), "--text", "builtin", "--seq-len", "16", "--windows", "2"]
+    results = []
+    for extra in ([], ["--device-map", "auto"]):
+        assert main(["evaluate", *quick, "--device", "cpu", *extra, "--json", str(tmp_path / "e.json")]) == 0
+        results.append(json.loads((tmp_path / "e.json").read_text()))
+    assert results[0]["nll"] == pytest.approx(results[1]["nll"], abs=1e-6)
+    assert results[0]["model_hash"] == results[1]["model_hash"]
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_model_dir), "--layers", "1", "--device-map", "auto",
+                 "--dtype", "bfloat16", "--out", str(out)]) == 0
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert pruned.config.num_hidden_layers == 3 and pruned.dtype == torch.bfloat16
+    capsys.readouterr()
