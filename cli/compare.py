@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .options import Device, non_negative, positive
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
+
+from .options import non_negative, positive
 
 
 def compare(
@@ -32,7 +34,7 @@ def compare(
     beam_width: int = 64,
     seeds: int = 3,
     seed: int = 0,
-    device: Device = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int | None = None,
     out: str = "runs/compare",
     progress: bool = True,
@@ -59,7 +61,7 @@ def compare(
         beam_width: beam width when C(n, K) > 1e6 removal sets.
         seeds: random-removal seeds.
         seed: seed of the calibration windows, the masks and the surrogate training.
-        device: auto = CUDA when available, else CPU.
+        loading: how to load the model (--device, --dtype, --device-map; the same for every command).
         batch_size: windows per forward pass (default 4 on CPU, 8 on CUDA).
         out: output folder.
         progress: show progress bars.
@@ -82,7 +84,7 @@ def compare(
         model=model, calib_text=calib_text, eval_text=eval_text, ks=list(remove), out=Path(out), windows=windows,
         seq_len=seq_len, eval_windows=None if eval_windows == "all" else eval_windows, eval_seq_len=eval_seq_len,
         eval_all_windows=eval_windows == "all", surrogate=surrogate, seeds=seeds, seed=seed, n_masks=n_masks,
-        members=members, top=top, beam_width=beam_width, index=index, device=device, batch_size=batch_size,
+        members=members, top=top, beam_width=beam_width, index=index, loading=loading, batch_size=batch_size,
         progress=progress,
     )
     doc = run_compare(cfg)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .options import Device, positive
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
+
+from .options import positive
 
 
 def evaluate(
@@ -18,7 +20,7 @@ def evaluate(
     text: str,
     seq_len: int | None = None,
     windows: int | Literal["all"] = "all",
-    device: Device = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int | None = None,
     json: str | None = None,
 ) -> int:
@@ -32,7 +34,7 @@ def evaluate(
         seq_len: tokens per window, BOS not counted (default 512 on CPU, 2048 on CUDA, shortened to the model's
             position limit).
         windows: number of consecutive windows from the start of the text, or all.
-        device: auto = CUDA when available, else CPU.
+        loading: how to load the model (--device, --dtype, --device-map; the same for every command).
         batch_size: windows per forward pass (default 1 on CPU, 8 on CUDA).
         json: also write the result to this JSON file.
     """
@@ -44,7 +46,7 @@ def evaluate(
     positive("seq_len", seq_len)
     positive("batch_size", batch_size)
     n_windows = None if windows == "all" else positive("windows", windows)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, **loading.as_kwargs())
     kind = "cuda" if loaded.device.type == "cuda" else "cpu"
     seq_len = seq_len or fit_seq_len(loaded.model, loaded.tokenizer, DEFAULT_SEQ_LEN[kind])
     result = evaluate_perplexity(loaded, text, seq_len, n_windows, batch_size or DEFAULT_BATCH_SIZE[kind])

@@ -10,7 +10,10 @@ underscores and wants a value for booleans. :func:`normalize_argv` bridges the t
   boolean parameters;
 * ``--remove 1,2,3`` -> ``--remove=[1,2,3]`` for list parameters;
 * positionals (``layershap info STORE``) -> their parameter (``--store STORE``), per :data:`POSITIONALS`;
-* ``--lambda`` -> ``--lam`` (``lambda`` is a Python keyword), per :data:`ALIASES`.
+* ``--lambda`` -> ``--lam`` (``lambda`` is a Python keyword), per :data:`ALIASES`;
+* ``--device cpu`` -> ``--loading.device=cpu``: the fields of a dataclass parameter (the loading options,
+  :class:`~layershap.core.load_options.LoadOptions`, shared by every command that loads a model) are spelled
+  flat, and help and errors spell them so too.
 
 Bad input of any kind ends in one line ``layershap <cmd>: error: ...`` on stderr and exit status 2.
 
@@ -22,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -51,6 +55,8 @@ POSITIONALS: dict[str, tuple[str, ...]] = {
     "registry": ("action", "target"),
 }
 ALIASES: dict[str, dict[str, str]] = {"export": {"lambda": "lam"}, "sparsify": {"lambda": "lam"}}
+# Dataclass parameters whose fields users spell flat (``--device``, not ``--loading.device``).
+FLAT = ("loading",)
 _INT_LIST = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*$")
 
 
@@ -59,20 +65,48 @@ def command_function(name: str) -> Callable[..., int]:
     return getattr(importlib.import_module(f"layershap.cli.{name}"), name)
 
 
-def _kinds(fn: Callable) -> dict[str, str]:
-    """Parameter name -> ``bool``, ``list`` or ``value``."""
+def _kind(hint) -> str:
+    args = {hint, *typing.get_args(hint)}
+    if bool in args:
+        return "bool"
+    if any(typing.get_origin(a) is list for a in args):
+        return "list"
+    return "value"
+
+
+def _nested(fn: Callable) -> dict[str, tuple[str, str]]:
+    """Fields of dataclass parameters, which users spell flat: field -> (parameter, kind); e.g. ``device`` ->
+    ``("loading", "value")`` for the :class:`~layershap.core.load_options.LoadOptions` of a loading command."""
     hints = typing.get_type_hints(fn)
-    kinds = {}
+    found = {}
     for pname in inspect.signature(fn).parameters:
-        hint = hints.get(pname)
-        args = {hint, *typing.get_args(hint)}
-        if bool in args:
-            kinds[pname] = "bool"
-        elif any(typing.get_origin(a) is list for a in args):
-            kinds[pname] = "list"
-        else:
-            kinds[pname] = "value"
-    return kinds
+        if pname in FLAT and dataclasses.is_dataclass(hints.get(pname)):
+            field_hints = typing.get_type_hints(hints[pname])
+            found.update({f.name: (pname, _kind(field_hints[f.name])) for f in dataclasses.fields(hints[pname])})
+    return found
+
+
+def _kinds(fn: Callable) -> dict[str, str]:
+    """Parameter name (or flat-spelled field of a dataclass parameter) -> ``bool``, ``list`` or ``value``."""
+    hints = typing.get_type_hints(fn)
+    kinds = {pname: _kind(hints.get(pname)) for pname in inspect.signature(fn).parameters}
+    return kinds | {name: kind for name, (_, kind) in _nested(fn).items()}
+
+
+def call_arguments(fn: Callable, values: dict) -> dict:
+    """The parsed values of ``fn``'s parameters as keyword arguments: dataclass parameters (parsed as dicts)
+    built into their dataclass.
+
+    Example:
+        >>> call_arguments(command_function("evaluate"), {"model": "m", "loading": {"device": "cpu"}})["loading"]
+        LoadOptions(device='cpu', dtype=None, device_map=None)
+    """
+    hints = typing.get_type_hints(fn)
+    kwargs = {k: v for k, v in values.items() if k in inspect.signature(fn).parameters}
+    for name, value in kwargs.items():
+        if dataclasses.is_dataclass(hints.get(name)) and isinstance(value, dict):
+            kwargs[name] = hints[name](**value)
+    return kwargs
 
 
 def normalize_argv(command: str, fn: Callable, argv: list[str]) -> list[str]:
@@ -83,6 +117,7 @@ def normalize_argv(command: str, fn: Callable, argv: list[str]) -> list[str]:
         ['--top', '3', '--store', 's.zarr']
     """
     kinds = _kinds(fn)
+    nested = _nested(fn)
     aliases = ALIASES.get(command, {})
     positional = list(POSITIONALS.get(command, ()))
     out: list[str] = []
@@ -101,23 +136,29 @@ def normalize_argv(command: str, fn: Callable, argv: list[str]) -> list[str]:
         name = name.replace("-", "_")
         name = aliases.get(name, name)
         if not eq and name.startswith("no_") and kinds.get(name[3:]) == "bool":
-            out.append(f"--{name[3:]}=false")
+            out.append(f"--{_full(name[3:], nested)}=false")
             continue
         kind = "value" if name == "config" else kinds.get(name)
+        full = _full(name, nested)
         if kind == "bool" and not eq:
             if i < len(argv) and argv[i].lower() in ("true", "false"):
-                out.append(f"--{name}={argv[i].lower()}")
+                out.append(f"--{full}={argv[i].lower()}")
                 i += 1
             else:
-                out.append(f"--{name}=true")
+                out.append(f"--{full}=true")
             continue
         if not eq and kind is not None and i < len(argv):
             value, eq = argv[i], "="
             i += 1
         if eq and kind == "list" and _INT_LIST.match(value):
             value = "[" + ",".join(v.strip() for v in value.split(",") if v.strip()) + "]"
-        out.append(f"--{name}={value}" if eq else f"--{name}")
+        out.append(f"--{full}={value}" if eq else f"--{full}")
     return out + tail
+
+
+def _full(name: str, nested: dict[str, tuple[str, str]]) -> str:
+    """jsonargparse's name of a flag: ``device`` -> ``loading.device`` for a field of a dataclass parameter."""
+    return f"{nested[name][0]}.{name}" if name in nested else name
 
 
 def user_spelling(text: str) -> str:
@@ -127,6 +168,7 @@ def user_spelling(text: str) -> str:
         >>> user_spelling("[--plan_budget PLAN_BUDGET] [--progress {true,false}]")
         '[--plan-budget PLAN_BUDGET] [--progress/--no-progress]'
     """
+    text = re.sub(rf"--(?:{'|'.join(FLAT)})\.(\w+)", r"--\1", text)
     text = re.sub(r"--(\w+) \{true,false\}", lambda m: f"--{m.group(1)}/--no-{m.group(1)}", text)
     return re.sub(r"--([\w-]+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
@@ -161,6 +203,7 @@ def one_line(message: str) -> str:
     if key:
         text = f"--{key.group(1)}: {key.group(2)}"
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = re.sub(rf"--(?:{'|'.join(FLAT)})\.(\w+)", r"--\1", text)
     return re.sub(r"--(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
@@ -191,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as exc:
         print(f"layershap {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k in inspect.signature(fn).parameters}
+    kwargs = call_arguments(fn, cfg.as_dict())
     try:
         return int(fn(**kwargs) or 0)
     except LayershapError as exc:

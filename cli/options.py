@@ -1,5 +1,7 @@
-"""What the command functions share: the device choice and the checks of numbers, each failing with a one-line
-:class:`LayershapError` that names the flag (spelled as users type it, with dashes).
+"""What the command functions share: the checks of numbers, each failing with a one-line :class:`LayershapError`
+that names the flag (spelled as users type it, with dashes). The loading options (``--device``, ``--dtype``,
+``--device-map``) are one dataclass, :class:`~layershap.core.load_options.LoadOptions`, shared by every command
+that loads a model.
 
 Example:
     >>> positive("windows", 4)
@@ -11,11 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
-
 from layershap.core.errors import LayershapError
 
-Device = Literal["auto", "cpu", "cuda"]
 MODEL_HELP = "gemma-3-270m (embedded default), a .gguf file, a local model directory or a hub id"
 
 

@@ -10,12 +10,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
-
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 from layershap.core.errors import LayershapError
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 
-from .options import Device, non_negative, positive
+from .options import non_negative, positive
 
 
 def oracle(
@@ -27,13 +26,12 @@ def oracle(
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
-    device: Device = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int = 4,
     masks_per_call: int = 8,
     cache_mb: int | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
-    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None,
     progress: bool = True,
 ) -> int:
     """Measure log-perplexity of layer masks into a zarr store (created, or extended/resumed when it exists).
@@ -47,7 +45,7 @@ def oracle(
         windows: token windows per mask.
         seq_len: tokens per window.
         seed: seed of the window positions and of sampled masks.
-        device: auto = CUDA when available, else CPU.
+        loading: how to load the model (--device, --dtype, --device-map; the same for every command).
         batch_size: windows per forward pass.
         masks_per_call: masks evaluated (and committed) together; shared kept-layer prefixes are computed once
             per group; a kill loses at most one group.
@@ -56,8 +54,7 @@ def oracle(
         workers: measure on this many Ray workers (pip install 'layershap[ray]'): one GPU each, or one CPU core
             each without GPUs; each loads the model once; this process alone writes the store.
         ray_address: Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster); needs --workers.
-        device_map: shard the model over the GPUs of one process/worker (accelerate), for models larger than
-            one GPU.
+            With --device-map each worker shards its model over its GPUs.
         progress: show the progress bar.
     """
     import time
@@ -80,16 +77,16 @@ def oracle(
         before = len(DatasetStore.open(out)) if Path(out).exists() else 0
         store = measure_on_workers(model=model, text=text, masks=masks, out=out, workers=workers,
                                    ray_address=ray_address, n_masks=n_masks, windows=windows, seq_len=seq_len,
-                                   seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb,
-                                   device_map=device_map, masks_per_call=masks_per_call, progress=progress)
+                                   seed=seed, loading=loading, batch_size=batch_size, cache_mb=cache_mb,
+                                   masks_per_call=masks_per_call, progress=progress)
         added = len(store) - before
     else:
-        session = open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
-                               seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb,
-                               device_map=device_map)
-        store = session.store
-        added = measure_masks(session.evaluator, store, session.masks, progress=progress,
-                              masks_per_call=masks_per_call)
+        with open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
+                          seq_len=seq_len, seed=seed, loading=loading, batch_size=batch_size,
+                          cache_mb=cache_mb) as session:
+            store = session.store
+            added = measure_masks(session.evaluator, store, session.masks, progress=progress,
+                                  masks_per_call=masks_per_call)
     print(f"added {added} rows; {len(store)} rows in {out} ({time.perf_counter() - started:.1f} s)")
     full = store.masks.all(axis=1)
     if full.any():

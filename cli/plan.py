@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Literal
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 
-from .options import Device, non_negative, positive
+from .options import non_negative, positive
 
 
 def plan(
@@ -30,7 +31,7 @@ def plan(
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
-    device: Device = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int = 4,
     cache_mb: int | None = None,
     progress: bool = True,
@@ -48,7 +49,7 @@ def plan(
         windows: token windows per mask (calibration, the screening fidelity).
         seq_len: tokens per window.
         seed: seed of windows and the search.
-        device: auto = CUDA when available, else CPU.
+        loading: how to load the model (--device, --dtype, --device-map; the same for every command).
         batch_size: windows per forward pass.
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
         progress: show progress bars.
@@ -67,11 +68,11 @@ def plan(
         positive("remove", k)
     folder = Path(out) if out is not None else default_out(model)
     folder.mkdir(parents=True, exist_ok=True)
-    session = open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr", windows=windows,
-                           seq_len=seq_len, seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb,
-                           utility=utility)
-    doc = run_plans(session, text=text, out=folder, ks=remove, total_tokens=tokens, seed=seed,
-                    batch_size=batch_size, cache_mb=cache_mb, progress=progress)
+    with open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr", windows=windows,
+                      seq_len=seq_len, seed=seed, loading=loading, batch_size=batch_size, cache_mb=cache_mb,
+                      utility=utility) as session:
+        doc = run_plans(session, text=text, out=folder, ks=remove, total_tokens=tokens, seed=seed,
+                        batch_size=batch_size, cache_mb=cache_mb, progress=progress)
     print(format_plans(doc))
     print(f"wrote {folder / 'plans.json'}; prune with `layershap prune --model {model} --plans {folder} "
           f"--remove K --out DIR`")

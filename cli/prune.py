@@ -13,11 +13,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
-
 from layershap.core.errors import LayershapError
+from layershap.core.load_options import CPU_LOADING, LoadOptions
 
-from .options import Device, positive
+from .options import positive
 
 
 def prune(
@@ -28,8 +27,7 @@ def prune(
     scores: str | None = None,
     by_score: bool = False,
     layers: list[int] | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-    device: Device = "cpu",
+    loading: LoadOptions = CPU_LOADING,
 ) -> int:
     """Write a depth-pruned Hugging Face model.
 
@@ -42,12 +40,10 @@ def prune(
         scores: scores JSON of this model (from `layershap shapley` or `layershap run`), for --by-score.
         by_score: remove the K least important layers of the scores' ranking instead of the verified plan.
         layers: remove exactly these 0-based layers instead, e.g. 3,7,9 (no scores needed).
-        dtype: weights dtype of the saved model (default float32 on CPU, bfloat16 on CUDA).
-        device: device to load the model on.
+        loading: how to load the model (--device, default cpu; --dtype: the dtype of the saved model;
+            --device-map: for a model larger than the host memory, shard it over the GPUs).
     """
     from pathlib import Path
-
-    import torch
 
     from layershap.core.masks import check_removal_count, masks_from_removed
     from layershap.oracle.identity import check_same_model
@@ -76,7 +72,7 @@ def prune(
     # bad files fail before the model loads
     record = read_scores(scores) if by_score else None
     plan_doc = read_plans(plans) if plans is not None and not by_score else None
-    loaded = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    loaded = load_model(model, **loading.as_kwargs())
     n = find_layers(loaded.model).n_layers
     current = {"model_id": loaded.model_id, "model_hash": loaded.model_hash, "n_layers": n}
     if layers is not None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Literal
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 
-from .options import Device, non_negative, positive
+from .options import non_negative, positive
 
 
 def run(
@@ -30,7 +31,7 @@ def run(
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
-    device: Device = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int = 4,
     cache_mb: int | None = None,
     members: int = 8,
@@ -56,7 +57,7 @@ def run(
         windows: token windows per mask.
         seq_len: tokens per window.
         seed: seed of windows, masks and training.
-        device: auto = CUDA when available, else CPU.
+        loading: how to load the model (--device, --dtype, --device-map; the same for every command).
         batch_size: windows per forward pass.
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
         members: surrogate ensemble size.
@@ -82,6 +83,6 @@ def run(
         positive("remove", k)
     run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
                  sampling=sampling, active_rows=active_rows, windows=windows, seq_len=seq_len, seed=seed,
-                 device=device, batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden,
+                 loading=loading, batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden,
                  tokens=tokens, remove=remove, utility=utility, register=register, progress=progress)
     return 0

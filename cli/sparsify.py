@@ -13,6 +13,7 @@ from typing import Literal
 
 from layershap.core.defaults import SPARSIFY_SEQ_LEN, SPARSIFY_WINDOWS
 from layershap.core.errors import LayershapError
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 
 from .options import non_negative, positive
 
@@ -30,6 +31,7 @@ def sparsify(
     windows: int = SPARSIFY_WINDOWS,
     seq_len: int = SPARSIFY_SEQ_LEN,
     seed: int = 0,
+    loading: LoadOptions = DEFAULT_LOADING,
     progress: bool = True,
 ) -> int:
     """Prune the linear weights of every decoder layer to per-layer sparsities and save the model.
@@ -52,6 +54,7 @@ def sparsify(
         windows: calibration windows (default 4; the oracle's are 2 x 256 tokens by default).
         seq_len: tokens per calibration window (default 128).
         seed: seed of the calibration window positions (same text, sizes and seed as an oracle run: same windows).
+        loading: how to load the model (--device, --dtype, --device-map; the same for every command).
         progress: show a progress bar over the layers.
     """
     from pathlib import Path
@@ -76,7 +79,7 @@ def sparsify(
         record, source = read_scores(path), str(path)
     done = sparsify_model(model, out, sparsity=sparsity, allocation=allocation, scores=record, scores_source=source,
                           lam=lam, method=method, pattern=pattern, text=text, windows=windows, seq_len=seq_len,
-                          seed=seed, progress=progress)
+                          seed=seed, loading=loading, progress=progress)
     report, seconds = done.report, done.seconds
     print(f"{allocation} allocation, {method}, {pattern}: {report['pruned']:,} of {report['weights']:,} decoder "
           f"linear weights set to zero ({report['zeros']:,} zeros: sparsity {report['sparsity']:.6f}, mean of layers "

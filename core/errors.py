@@ -27,3 +27,7 @@ class MissingPackageError(LayershapError, ImportError):
 
 class NonFiniteLossError(LayershapError, FloatingPointError):
     """A mask gave a non-finite NLL (the model diverged); nothing is stored for it."""
+
+
+class StoreLockedError(LayershapError):
+    """A dataset store is being written by another process (its lock file names the holder)."""

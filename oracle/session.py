@@ -4,20 +4,22 @@ calibration windows, open (or create) the dataset store and build the masked eva
 Nothing is written when the store belongs to another model, text or layer count.
 
 Example:
-    >>> s = open_session(model="gemma-3-270m", text="builtin", masks="loo", out=Path("runs/g.zarr"))
-    >>> measure_masks(s.evaluator, s.store, s.masks)
+    >>> with open_session(model="gemma-3-270m", text="builtin", masks="loo", out=Path("runs/g.zarr")) as s:
+    ...     measure_masks(s.evaluator, s.store, s.masks)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 from layershap.core.errors import LayershapError
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 from layershap.core.masks import unique_rows
 from layershap.sampling.specs import check_mask_spec, parse_mask_spec
 
@@ -27,6 +29,7 @@ from .measure import CachedOracle, dataset_identity
 from .store import DatasetStore
 from .text import CalibrationText, load_text, make_windows, tokenize_stream
 from .windows import blocks_that_fit, decision_windows, validation_windows
+from .writer_lock import WriterLock
 
 
 @dataclass
@@ -38,16 +41,28 @@ class OracleSession:
     evaluator: MaskedEvaluator
     masks: np.ndarray
 
+    def close(self) -> None:
+        """Give back the store's write lock (the rows stay readable); a ``with`` block calls it."""
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _is_new(out: Path) -> bool:
     return not out.exists() or (out.is_dir() and not any(out.iterdir()))
 
 
 def _check_request(masks: str, n_masks: int | None, text: str, out: Path, windows: int, seq_len: int,
-                   seed: int, utility: str = "nll") -> tuple[CalibrationText, DatasetStore | None]:
+                   seed: int, loading: LoadOptions,
+                   utility: str = "nll") -> tuple[CalibrationText, DatasetStore | None]:
     """Cheap checks before any model is loaded: the mask spec, and an existing store at ``out`` must be a
-    layershap store made from the same text with the same window count and length that the masks fit.
-    Returns the text and the existing store (``None`` for a new one)."""
+    layershap store made from the same text with the same window count and length (and ``--dtype``, when one is
+    given) that the masks fit, with no other process writing it. Returns the text and the existing store
+    (``None`` for a new one)."""
     check_mask_spec(masks)
     if n_masks is not None and not masks.strip().startswith("stratified"):
         raise LayershapError(f"--n-masks applies to the stratified mask specs only, not to {masks!r}")
@@ -57,7 +72,8 @@ def _check_request(masks: str, n_masks: int | None, text: str, out: Path, window
     existing = DatasetStore.open(out)
     parse_mask_spec(masks, existing.n_layers, n_masks, seed)
     existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len,
-                             "utility": utility})
+                             "utility": utility, **({"dtype": loading.dtype} if loading.dtype else {})})
+    WriterLock.check_free(out)  # another run writing it: refused before the model is loaded
     print(f"extending {out}: {len(existing)} rows stored")
     return calibration, existing
 
@@ -72,27 +88,28 @@ def open_session(
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
-    device: str = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int = 4,
     cache_mb: int | None = None,
-    device_map: str | None = None,
     utility: str = "nll",
 ) -> OracleSession:
     """Check the request and any existing store cheaply, then load the model and open (or create) the store.
 
     ``masks`` is a mask spec (``loo``, ``stratified``, ``stratified-all``, ``file:PATH``); ``n_masks`` applies to
-    the stratified specs only; ``device_map`` (``auto``, ...) shards the model over the GPUs (accelerate);
-    ``utility``: what a row measures (``nll``, or ``kl`` to the dense model). Prints one line about the store and
-    the masks still to measure.
+    the stratified specs only; ``loading``: device, dtype and device map of the model (``device_map="auto"``
+    shards it over the GPUs); ``utility``: what a row measures (``nll``, or ``kl`` to the dense model). Prints
+    one line about the store and the masks still to measure. The session holds the store's write lock: close it
+    (or use it in a ``with`` block).
 
     Example:
-        >>> s = open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr")
+        >>> with open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr") as s:
+        ...     measure_masks(s.evaluator, s.store, s.masks)
     """
-    if device == "cuda" and not torch.cuda.is_available():
+    if loading.device == "cuda" and not torch.cuda.is_available():
         raise LayershapError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     out = Path(out)
-    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed, utility)
-    loaded = load_model(model, device=device, device_map=device_map)
+    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed, loading, utility)
+    loaded = load_model(model, **loading.as_kwargs())
     token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
     identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len, utility=utility)
     wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
@@ -167,12 +184,13 @@ def _block_oracle(session: OracleSession, text: str, path: Path, token_windows: 
 def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, workers: int,
                        ray_address: str | None = None, n_masks: int | None = None,
                        windows: int = CALIBRATION_WINDOWS, seq_len: int = CALIBRATION_SEQ_LEN, seed: int = 0,
-                       device: str = "auto", batch_size: int = 4,
-                       cache_mb: int | None = None, device_map: str | None = None, masks_per_call: int = 32,
+                       loading: LoadOptions = DEFAULT_LOADING, batch_size: int = 4,
+                       cache_mb: int | None = None, masks_per_call: int = 32,
                        progress: bool = True) -> DatasetStore:
     """:func:`open_session` + ``measure_masks`` on ``workers`` Ray workers (``layershap[ray]``): the workers load
     the model (never this process), cut the windows, and measure; this process alone writes the store, so a
-    killed run resumes exactly as the single-process one does. Returns the store.
+    killed run resumes exactly as the single-process one does. Returns the store (closed: readable, its write
+    lock given back).
 
     Example:
         >>> store = measure_on_workers(model="./my-llama", text="calib.txt", masks="stratified", out="l.zarr", workers=8)
@@ -181,15 +199,15 @@ def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, wo
     from .measure import measure_masks
 
     out = Path(out)
-    calibration, existing = _check_request(masks, n_masks, text, out, windows, seq_len, seed)
-    dtype = None if existing is None else existing.identity["dtype"]
+    calibration, existing = _check_request(masks, n_masks, text, out, windows, seq_len, seed, loading)
+    dtype = loading.dtype or (None if existing is None else existing.identity["dtype"])
     connect(ray_address)
-    with RayOracle(model, workers=workers, dtype=dtype, device=device, device_map=device_map,
+    with RayOracle(model, workers=workers, dtype=dtype, device=loading.device, device_map=loading.device_map,
                    batch_size=batch_size, cache_mb=cache_mb) as pool:
         token_windows, identity = pool.windows_for(calibration.text, calibration.text_id, windows, seq_len, seed)
-        store = DatasetStore.create_or_open(out, identity, token_windows)
-        wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
-        print(f"{identity['model_id']}: {identity['n_layers']} layers on {workers} Ray workers; {len(wanted)} masks "
-              f"asked for, {int(store.missing(wanted).sum())} to measure")
-        measure_masks(pool, store, wanted, progress=progress, masks_per_call=masks_per_call)
+        with DatasetStore.create_or_open(out, identity, token_windows) as store:
+            wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
+            print(f"{identity['model_id']}: {identity['n_layers']} layers on {workers} Ray workers; {len(wanted)} "
+                  f"masks asked for, {int(store.missing(wanted).sum())} to measure")
+            measure_masks(pool, store, wanted, progress=progress, masks_per_call=masks_per_call)
     return store

@@ -12,6 +12,7 @@ Layout::
         window_nll (N, W) float64, the NLL of each window (NaN: rows measured before per-window values were kept)
         kl         (N,)   float64, utility ``kl`` only: mean token KL(dense || masked) of next-token distributions
         window_kl  (N, W) float64, utility ``kl`` only: the KL of each window
+        writer.lock       the write lock: names the process writing the store (empty when none is)
 
 The rows' **loss** (:attr:`DatasetStore.loss`) is the column the store's utility names: ``nll`` or ``kl``; it is
 what surrogates learn and plans minimise. Per-window values let two masks be compared window by window.
@@ -21,13 +22,19 @@ Crash safety: ``n_rows`` (the committed row count) is written only after the row
 Rows beyond ``n_rows`` (an append killed half-way) are ignored and overwritten by the next append. A new
 store is built in a hidden sibling folder and renamed into place, so a half-created store never exists.
 
-Over 300 lines because opening, creating and appending share one set of crash-safety and identity rules that read
-best in one class.
+One writer at a time: :meth:`DatasetStore.create_or_open` takes the store's write lock (:mod:`.writer_lock`)
+and holds it until :meth:`DatasetStore.close` (a ``with`` block, garbage collection or process exit); a writer
+in another process is refused at open with one line naming the holder (a later writer in the same process
+takes the lock over, and the earlier one can no longer append). Readers (:meth:`DatasetStore.open`) never take
+the lock.
+
+(Over 300 lines: opening with its checks and the lock, reading, and the crash-safe append keep the invariants of
+one object, and read best together.)
 
 Example:
-    >>> store = DatasetStore.create_or_open("runs/x.zarr", identity, windows)
-    >>> todo = masks[store.missing(masks)]
-    >>> store.append(todo[:1], np.array([2.91]), np.array([7.2]))
+    >>> with DatasetStore.create_or_open("runs/x.zarr", identity, windows) as store:
+    ...     todo = masks[store.missing(masks)]
+    ...     store.append(todo[:1], np.array([2.91]), np.array([7.2]))
     >>> len(store), store.nll
 """
 
@@ -38,18 +45,21 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, GroupNotFoundError
 
-from layershap.core.errors import LayershapError, StoreMismatchError
+from layershap.core.errors import LayershapError, StoreLockedError, StoreMismatchError
 from layershap.core.jsonio import jsonable, package_version
 from layershap.core.masks import check_masks
 
+from .identity import legacy_hash_reason
 from .text import windows_sha256
+from .writer_lock import LOCK_FILE, WriterLock
 
 SCHEMA_VERSION = 1
 ROWS_ATTR = "n_rows"
@@ -66,7 +76,6 @@ GAME_DEFAULTS = {"game": "blocks", "utility": "nll"}
 MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype", *GAME_DEFAULTS)
 ROW_CHUNK = 512
 ROW_ARRAYS = ("masks", "nll", "seconds")  # one entry per row, always present
-WINDOW_ARRAYS = {"window_nll": "nll", "window_kl": "kl"}  # (N, W) per-window values of a column
 
 
 def _check_identity(identity: dict) -> dict:
@@ -89,19 +98,37 @@ class DatasetStore:
     """Rows of measured layer masks for one (model, text, windows) identity; see the module docstring."""
 
     def __init__(self, path: str | Path, writable: bool) -> None:
-        """Open an existing store; use :meth:`open` or :meth:`create_or_open` instead of calling this."""
+        """Open an existing store; use :meth:`open` or :meth:`create_or_open` instead of calling this.
+
+        A writable store holds the store's write lock (:mod:`.writer_lock`) until :meth:`close` (or until it is
+        garbage-collected, or the process exits); its rows are read after the lock is taken.
+        """
         self.path = Path(path)
         self.writable = writable
+        self._lock: WriterLock | None = None
+        self._check_is_store(self._open_group("r"))
+        if writable:
+            self._lock = WriterLock.acquire(self.path)
+            weakref.finalize(self, self._lock.release)
+        try:
+            self._read(self._open_group("r+" if writable else "r"))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_group(self, mode: str) -> zarr.Group:
         if not self.path.exists():
             raise LayershapError(f"no dataset store at {self.path}: the path does not exist")
         try:
-            self._group = zarr.open_group(str(self.path), mode="r+" if writable else "r")
+            return zarr.open_group(str(self.path), mode=mode)
         except (GroupNotFoundError, ContainsArrayError, FileNotFoundError, NotADirectoryError) as exc:
             raise LayershapError(
                 f"{self.path} is not a layershap dataset store (no zarr group there: {exc}); "
                 f"give the path of a store written by `layershap oracle`, or a new path to create one"
             ) from exc
-        attrs = dict(self._group.attrs)
+
+    def _check_is_store(self, group: zarr.Group) -> dict:
+        attrs = dict(group.attrs)
         if "schema_version" not in attrs or ROWS_ATTR not in attrs:
             raise LayershapError(
                 f"{self.path} is a zarr group but not a layershap dataset store (no schema_version/{ROWS_ATTR} "
@@ -113,6 +140,12 @@ class DatasetStore:
                 f"{SCHEMA_VERSION}; use the layershap version that wrote it ({attrs.get('package_version')}) "
                 f"or another --out path"
             )
+        return attrs
+
+    def _read(self, group: zarr.Group) -> None:
+        """Read the committed rows (for a writer: under the lock, so no other process appends meanwhile)."""
+        self._group = group
+        attrs = self._check_is_store(group)
         self._attrs = {**GAME_DEFAULTS, **attrs}
         self.n_layers = int(attrs["n_layers"])
         n_rows = int(attrs[ROWS_ATTR])
@@ -137,6 +170,23 @@ class DatasetStore:
         self._keys = {row.tobytes() for row in self._rows["masks"]}
         self._windows: np.ndarray | None = None
 
+    def close(self) -> None:
+        """Give back the write lock (a writer); the rows read so far stay readable. Safe to call twice.
+
+        Example:
+            >>> with DatasetStore.create_or_open("x.zarr", identity, windows) as store:
+            ...     store.append(masks, nll, seconds)
+        """
+        if self._lock is not None:
+            self._lock.release()
+        self.writable = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path) -> DatasetStore:
@@ -152,7 +202,9 @@ class DatasetStore:
         """Open the store at ``path`` for appending, creating it when absent.
 
         An existing store must have been built for the same model hash, text, windows, layer count and
-        dtype, else :class:`StoreMismatchError` (naming both values) is raised and nothing is written.
+        dtype, else :class:`StoreMismatchError` (naming both values) is raised and nothing is written. The
+        returned store holds the write lock (:class:`StoreLockedError` while another writer holds it): close it,
+        or use it in a ``with`` block.
 
         Example:
             >>> store = DatasetStore.create_or_open("x.zarr", identity, windows)   # windows: int64[W, L]
@@ -168,8 +220,13 @@ class DatasetStore:
         path = Path(path)
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             cls._create(path, ident, windows.astype(np.int64))
+        cls(path, writable=False).check_identity(ident)  # a wrong store is refused before its lock is touched
         store = cls(path, writable=True)
-        store.check_identity(ident)
+        try:
+            store.check_identity(ident)
+        except BaseException:
+            store.close()
+            raise
         return store
 
     @classmethod
@@ -215,12 +272,19 @@ class DatasetStore:
         keys = [k for k in (*MATCH_KEYS, "n_windows", "seq_len") if k in identity]
         wanted = {k: jsonable(identity[k]) for k in keys}
         diffs = [(k, self._attrs.get(k), wanted[k]) for k in keys if self._attrs.get(k) != wanted[k]]
+        legacy = legacy_hash_reason(self._attrs.get("model_hash"), wanted.get("model_hash"))
+        if legacy:
+            raise StoreMismatchError(
+                f"the dataset store {self.path} (made by layershap {self._attrs.get('package_version')}) cannot be "
+                f"extended with this model: {legacy}. Measure into another --out (a new store), or use the "
+                "layershap version that made it. Nothing in the store was changed."
+            )
         if diffs:
             lines = "; ".join(f"{k}: store has {_short(a)}, this run has {_short(b)}" for k, a, b in diffs)
             raise StoreMismatchError(
                 f"the dataset store {self.path} was built for another model/text/windows ({lines}). "
                 f"Masks measured under different conditions must not be mixed: use another --out path "
-                f"(or the --model/--text/--windows/--seq-len/--seed/--device the store was made with). "
+                f"(or the --model/--text/--windows/--seq-len/--seed/--device/--dtype the store was made with). "
                 f"Nothing in the store was changed."
             )
 
@@ -305,6 +369,17 @@ class DatasetStore:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ writing
+    def _check_unchanged(self) -> None:
+        """Refuse to append when the committed rows on disk are not the ones this writer read: another writer
+        got in (only possible where the file system ignores the lock), so its rows and ours would be mixed."""
+        on_disk = int(json.loads((self.path / "zarr.json").read_text())["attributes"][ROWS_ATTR])
+        if on_disk != len(self):
+            raise StoreLockedError(
+                f"the dataset store {self.path} has {on_disk} committed rows on disk but this writer read "
+                f"{len(self)}: another process wrote to it although this one holds its write lock ({LOCK_FILE}; "
+                "does this file system support file locks?); nothing was written: run again, one writer at a time"
+            )
+
     def append(self, masks: np.ndarray, nll: np.ndarray, seconds: np.ndarray, *,
                window_nll: np.ndarray | None = None, kl: np.ndarray | None = None,
                window_kl: np.ndarray | None = None) -> None:
@@ -318,7 +393,7 @@ class DatasetStore:
             >>> store.append(np.ones((1, store.n_layers), bool), np.array([2.9]), np.array([6.8]))
         """
         if not self.writable:
-            raise ValueError(f"{self.path} was opened read-only; use DatasetStore.create_or_open to append")
+            raise ValueError(f"{self.path} was opened read-only (or closed); use DatasetStore.create_or_open to append")
         arr = check_masks(masks, self.n_layers)
         k = len(arr)
         columns = {"masks": arr, "nll": nll, "seconds": seconds, "kl": kl}
@@ -346,6 +421,12 @@ class DatasetStore:
             raise ValueError("append got masks that are already stored or repeated; filter with missing() first")
         if k == 0:
             return
+        if self._lock is None or not self._lock.held:
+            raise StoreLockedError(
+                f"this writer of {self.path} handed its write lock to a later DatasetStore.create_or_open of the "
+                "same store in this process; append through that one"
+            )
+        self._check_unchanged()
         if "window_nll" not in self._arrays:  # a store written before per-window values: add them, NaN so far
             self._arrays["window_nll"] = self._group.create_array(
                 "window_nll", shape=(len(self), wide), dtype=np.float64, chunks=(ROW_CHUNK, wide),

@@ -111,8 +111,13 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
                                   seq_len=int(attrs["seq_len"]), seed=seed, block_windows=block_windows,
                                   block_seq_len=block_seq_len, n_blocks=budget.max_blocks, batch_size=batch_size,
                                   cache_mb=cache_mb, progress=progress)
-    result = find_plans(oracle, ks, budget, decide=[b.window_loss for b in blocks],
-                        spent=previous_spent(out, session.store), utility=ev.utility, seed=seed, progress=progress)
+    try:
+        result = find_plans(oracle, ks, budget, decide=[b.window_loss for b in blocks],
+                            spent=previous_spent(out, session.store), utility=ev.utility, seed=seed,
+                            progress=progress)
+    finally:
+        for block in blocks:
+            block.store.close()  # the decision stores' write locks; their rows stay readable
     full = float(oracle.loss(np.ones((1, n), dtype=bool))[0])
     full_nll = _column(session.store, ())
     plans = []

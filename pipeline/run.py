@@ -23,6 +23,7 @@ import numpy as np
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, main_job_masks
 from layershap.core.errors import LayershapError
 from layershap.core.jsonio import write_json, write_text_atomic
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 from layershap.oracle.measure import measure_masks
 from layershap.oracle.session import open_session
 from layershap.oracle.store import DatasetStore
@@ -62,7 +63,7 @@ def run_main_job(
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
-    device: str = "auto",
+    loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int = 4,
     cache_mb: int | None = None,
     members: int = 8,
@@ -93,7 +94,7 @@ def run_main_job(
 
     _heading("1/5 oracle: measure log-perplexity of layer masks")
     session = open_session(model=model, text=text, masks="loo", out=store_path, windows=windows, seq_len=seq_len,
-                           seed=seed, device=device, batch_size=batch_size, cache_mb=cache_mb, utility=utility)
+                           seed=seed, loading=loading, batch_size=batch_size, cache_mb=cache_mb, utility=utility)
     store, evaluator = session.store, session.evaluator
     n = store.n_layers
     count = main_job_masks(n) if n_masks is None else n_masks
@@ -118,6 +119,7 @@ def run_main_job(
                       cache_mb=cache_mb, progress=progress)
     print(f"{plans['passes']} new screening passes, {plans['decision_passes']} decision passes; {len(store)} rows in "
           f"{store_path}")
+    session.close()  # the store's write lock: nothing below writes to it
 
     _heading("3/5 surrogate: learn mask -> log-perplexity")
     surrogate = train_surrogate(store, surrogate_dir, members=members, seed=seed, hidden=hidden, progress=progress)

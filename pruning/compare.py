@@ -33,6 +33,7 @@ import numpy as np
 
 from layershap.core.errors import LayershapError
 from layershap.core.jsonio import jsonable, write_json
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 from layershap.core.masks import check_removal_count
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.identity import check_same_model
@@ -86,7 +87,7 @@ class CompareConfig:
     top: int = 3
     beam_width: int = 64
     index: str = "auto"
-    device: str = "auto"
+    loading: LoadOptions = DEFAULT_LOADING
     batch_size: int | None = None
     progress: bool = True
 
@@ -150,9 +151,9 @@ def build_surrogate(loaded: LoadedModel, calib_text_id: str, windows: np.ndarray
     if n_masks < n + 2:
         raise LayershapError(f"--n-masks {n_masks} is too small: it must cover the full model and the {n} "
                              f"leave-one-out masks plus some larger removals; use at least {n + 2}")
-    store = DatasetStore.create_or_open(out / "dataset.zarr",
-                                        dataset_identity(loaded, calib_text_id, windows, seq_len), windows)
-    measure_masks(evaluator, store, stratified_masks(n, n_masks, seed=seed), progress=progress)
+    with DatasetStore.create_or_open(out / "dataset.zarr",
+                                     dataset_identity(loaded, calib_text_id, windows, seq_len), windows) as store:
+        measure_masks(evaluator, store, stratified_masks(n, n_masks, seed=seed), progress=progress)
     surrogate = train_surrogate(store, out / "surrogate", members=members, seed=seed, progress=progress)
     return surrogate, store
 
@@ -223,14 +224,14 @@ def run_compare(cfg: CompareConfig) -> dict:
     calib = load_text(cfg.calib_text)
     evaluation = load_text(cfg.eval_text)
     check_texts_differ(calib, evaluation)
-    loaded = load_model(cfg.model, device=cfg.device)
+    loaded = load_model(cfg.model, **cfg.loading.as_kwargs())
     kind = "cuda" if loaded.device.type == "cuda" else "cpu"
     sz = _sizes(cfg, kind, loaded)
     model, tok = loaded.model, loaded.tokenizer
     windows = make_windows(tok, calib.text, sz["windows"], sz["seq_len"], seed=cfg.seed)
     ev_windows = eval_windows(tok, evaluation.text, sz["eval_seq_len"], sz["eval_windows"])
-    calib_ev = MaskedEvaluator(model, windows, batch_size=sz["batch_size"])
-    eval_ev = MaskedEvaluator(model, ev_windows, batch_size=sz["batch_size"])
+    calib_ev = MaskedEvaluator(model, windows, batch_size=sz["batch_size"], device=loaded.device)
+    eval_ev = MaskedEvaluator(model, ev_windows, batch_size=sz["batch_size"], device=loaded.device)
     n = calib_ev.n_layers
     ks = _check_ks(cfg.ks, n)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from torch import nn
 
 from layershap.core.defaults import SPARSIFY_SEQ_LEN, SPARSIFY_WINDOWS
 from layershap.core.errors import LayershapError, UnsupportedModelError
+from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 from layershap.oracle.layers import LAYER_PATHS, find_layers
 from layershap.shapley.scores_io import ScoresRecord
 
@@ -312,6 +313,7 @@ def sparsify_model(
     windows: int = SPARSIFY_WINDOWS,
     seq_len: int = SPARSIFY_SEQ_LEN,
     seed: int = 0,
+    loading: LoadOptions = DEFAULT_LOADING,
     progress: bool = True,
 ) -> Sparsified:
     """Prune ``model``'s decoder-layer linear weights to per-layer budgets and save it with its budgets to ``out``.
@@ -335,7 +337,7 @@ def sparsify_model(
     if allocation == "scores" and scores is None:
         raise LayershapError("--allocation scores needs layer scores: pass --scores S.json (from `layershap shapley`)")
     out = Path(out)
-    loaded = load_model(model)
+    loaded = load_model(model, **loading.as_kwargs())
     loaded_at = time.perf_counter()
     calib = load_text(text)
     calib_windows = make_windows(loaded.tokenizer, calib.text, windows, seq_len, seed)

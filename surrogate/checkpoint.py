@@ -1,5 +1,6 @@
 """A trained surrogate ensemble on disk and in memory: ``metadata.json`` + one ``member_<i>.pt`` state dict
-per member. Loading needs only torch (no Lightning).
+per member. Loading needs only torch (no Lightning). A folder is saved whole: written into a hidden sibling and
+renamed into place, so a kill never leaves new members beside old metadata.
 
 Example:
     >>> sur = load_surrogate("runs/default/surrogate")
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,31 +131,110 @@ class Surrogate:
         return -self.predict_nll(masks)
 
     # ---------------------------------------------------------------- saving
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``member_<i>.pt`` files, then ``metadata.json`` (each via a temporary file + rename).
+    def save(self, out_dir: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+        """Write the surrogate folder ``out_dir`` whole or not at all: ``member_<i>.pt``, ``metadata.json`` and
+        whatever ``extra(folder)`` writes go into a hidden sibling folder, are fsynced, and that folder then
+        replaces ``out_dir``; the previous surrogate stays in place until the new one is complete.
+
+        A kill leaves either the previous folder or the new one at ``out_dir``, never a mix. (Between the two
+        renames of the swap ``out_dir`` is briefly absent: :func:`load_surrogate` then names the previous folder.)
+        ``out_dir`` must be absent, empty, or a surrogate folder (see :func:`check_save_target`).
 
         Example:
-            >>> sur.save("runs/default/surrogate")
+            >>> sur.save("runs/default/surrogate", extra=lambda d: np.savez(d / "validation.npz", x=x))
         """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_save_target(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = out.parent / f".{out.name}{_SAVING}{tag}"
+        old = out.parent / f".{out.name}{_OLD}{tag}"
         names = [f"member_{i}.pt" for i in range(len(self.nets))]
-        for name, net in zip(names, self.nets):
-            tmp = out / f".{name}.tmp"
-            torch.save(net.state_dict(), tmp)
-            os.replace(tmp, out / name)
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata,
             "architecture": self.nets[0].architecture(), "member_files": names,
         }
-        tmp = out / f".{METADATA_FILE}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, out / METADATA_FILE)
-        for stale in out.glob("member_*.pt"):  # members of an earlier, larger ensemble
-            if stale.name not in names:
-                stale.unlink()
+        tmp.mkdir()
+        try:
+            for name, net in zip(names, self.nets):
+                torch.save(net.state_dict(), tmp / name)
+            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+            if extra is not None:
+                extra(tmp)
+            for file in tmp.iterdir():
+                with open(file, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if out.exists():
+                os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                if old.exists() and not out.exists():
+                    os.rename(old, out)  # the previous surrogate back in place
+                raise
+            _fsync_dir(out.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        _remove_stale_saves(out)
         self.metadata = meta
         return out
+
+
+_SAVING, _OLD = ".saving-", ".old-"
+# Files a surrogate folder may hold (members, metadata, and what `layershap train` writes beside them).
+SURROGATE_FILES = ("member_*.pt", METADATA_FILE, "validation.npz", "fit.png", "history.csv", ".*.tmp")
+
+
+def check_save_target(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path if a surrogate may be saved there (absent, an empty folder, or a folder holding only
+    surrogate files, :data:`SURROGATE_FILES`), else a :class:`LayershapError`: saving replaces the whole folder.
+
+    Example:
+        >>> check_save_target("runs/default/surrogate")
+        PosixPath('runs/default/surrogate')
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LayershapError(f"{out} is a file; give a folder for the surrogate")
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if p.is_dir() or not any(p.match(g) for g in SURROGATE_FILES)]
+        if foreign:
+            raise LayershapError(
+                f"{out} holds {sorted(foreign)[:3]}, which are not surrogate files; saving a surrogate replaces the "
+                "whole folder, so give a new or empty folder (e.g. RUN/surrogate)"
+            )
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # folders cannot be opened for fsync there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_saves(out: Path) -> None:
+    """Delete the temporary siblings of saves of ``out`` killed mid-way (their process is gone)."""
+    for kind in (_SAVING, _OLD):
+        for leftover in out.parent.glob(f".{out.name}{kind}*"):
+            pid = leftover.name[len(f".{out.name}{kind}"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_surrogate(path: str | Path) -> Surrogate:
@@ -162,6 +245,12 @@ def load_surrogate(path: str | Path) -> Surrogate:
     """
     root = Path(path)
     meta_path = root / METADATA_FILE
+    previous = sorted(root.parent.glob(f".{root.name}{_OLD}*"))
+    if not root.exists() and previous:
+        raise LayershapError(
+            f"no surrogate at {root}: a save was killed while it replaced the folder; the previous surrogate is in "
+            f"{previous[-1]}: rename it to {root}, or train again"
+        )
     if not meta_path.is_file():
         raise LayershapError(
             f"{root} is not a trained surrogate (no {METADATA_FILE}); give the --out folder of `layershap train`"

@@ -90,7 +90,7 @@ def test_compare_end_to_end(setup, capsys):
     other = setup / "other-surrogate"
     shutil.copytree(out / "surrogate", other)
     meta = json.loads((other / "metadata.json").read_text())
-    meta["model_hash"] = "0" * 64
+    meta["model_hash"] = "weights-v1:" + "0" * 64  # another model directory
     (other / "metadata.json").write_text(json.dumps(meta))
     argv3 = [a if a != str(out) else str(setup / "out3") for a in argv] + ["--surrogate", str(other)]
     assert main(argv3) == 2

@@ -72,7 +72,7 @@ def test_prune_cli_refuses_scores_of_another_model(tmp_path, capsys):
     assert main(["prune", "--model", str(src), "--scores", str(five), "--remove", "1", "--by-score", "--out",
                  str(tmp_path / "a")]) == 2
     assert "5-layer model" in capsys.readouterr().err
-    other = _scores_file(tmp_path / "other.json", 4, np.arange(4.0), "some/other-model", "f" * 64)
+    other = _scores_file(tmp_path / "other.json", 4, np.arange(4.0), "some/other-model", "weights-v1:" + "f" * 64)
     assert main(["prune", "--model", str(src), "--scores", str(other), "--remove", "1", "--by-score", "--out",
                  str(tmp_path / "b")]) == 2
     assert "different models" in capsys.readouterr().err

@@ -179,6 +179,7 @@ def test_torn_append_is_ignored_and_overwritten(tmp_path):
     group["masks"][2:4] = masks[2:4]
     group["nll"].resize((4,))
     group["nll"][2:4] = [77.0, 88.0]  # seconds left un-resized: the kill came between arrays
+    store.close()  # the killed writer's lock is gone with it
     reopened = DatasetStore.create_or_open(path, make_identity(), make_windows())
     assert len(reopened) == 2
     np.testing.assert_array_equal(reopened.masks, masks[:2])
