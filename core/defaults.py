@@ -20,3 +20,4 @@ MAIN_JOB_MASKS = 96  # stratified masks of the main job (full model and every le
 PLAN_BUDGET = 88  # new calibration passes of the plan search
 SPARSIFY_WINDOWS = 4  # windows of the calibration activations of `layershap sparsify` (Wanda, OWL)
 SPARSIFY_SEQ_LEN = 128  # tokens per such window
+TASK_SEED = 1234  # seed of lm-eval's generators for zero-shot tasks (lm-eval's own default)

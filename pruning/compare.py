@@ -3,8 +3,10 @@
 Every method chooses which K layers to remove from the **calibration** windows (through the same oracle:
 one :class:`MaskedEvaluator` on them, plus one hidden-states pass for the similarity methods); every choice
 is then scored by the held-out perplexity of the pruned model on the **evaluation** text (consecutive
-windows, BOS per window; evaluated in memory with the layers skipped). Each method reports the oracle
-passes it spent (one pass = the model, masked or not, over all calibration windows).
+windows, BOS per window; evaluated in memory with the layers skipped) and, with ``tasks``, by its zero-shot
+accuracy through lm-evaluation-harness (acc and acc_norm, also as % of the dense model's: "% retained").
+Each method reports the oracle passes it spent (one pass = the model, masked or not, over all calibration
+windows).
 
 layershap itself appears twice: the K layers with the lowest scores (semivalue / Shapley on the surrogate),
 and the surrogate-guided subset search (exhaustive or beam, top candidates re-measured by the oracle). Its
@@ -33,13 +35,14 @@ import numpy as np
 
 from layershap.core.errors import LayershapError
 from layershap.core.jsonio import jsonable, write_json
-from layershap.core.masks import check_removal_count
+from layershap.core.masks import check_removal_count, unique_rows
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.identity import check_same_model
 from layershap.oracle.loading import LoadedModel, load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity, measure_masks
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows, windows_sha256
+from layershap.oracle.zeroshot import ZeroShot, accuracy
 from layershap.sampling.stratified import stratified_masks
 from layershap.shapley.estimate import compute_scores
 from layershap.shapley.scores_io import write_scores
@@ -48,7 +51,7 @@ from layershap.surrogate.checkpoint import Surrogate, load_surrogate
 from layershap.surrogate.train import train_surrogate
 
 from .baselines import Removal, lowest, run_baselines
-from .compare_report import plot_compare
+from .compare_report import plot_compare, with_retained
 from .search import search_and_verify
 
 # Defaults by device kind: calibration windows/tokens, evaluation windows/tokens, windows per forward pass,
@@ -88,6 +91,9 @@ class CompareConfig:
     device: str = "auto"
     batch_size: int | None = None
     progress: bool = True
+    tasks: list[str] | None = None
+    task_dir: str | None = None
+    limit: int | None = None
 
 
 @dataclass
@@ -216,6 +222,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     calib = load_text(cfg.calib_text)
     evaluation = load_text(cfg.eval_text)
     check_texts_differ(calib, evaluation)
+    # tasks before the model: a missing task fails fast
+    zeroshot = ZeroShot(cfg.tasks, cfg.task_dir, cfg.limit, cfg.batch_size) if cfg.tasks else None
     loaded = load_model(cfg.model, device=cfg.device)
     kind = "cuda" if loaded.device.type == "cuda" else "cpu"
     sz = _sizes(cfg, kind)
@@ -265,12 +273,33 @@ def run_compare(cfg: CompareConfig) -> dict:
         "oracle_measured": oracle.measured + (ls.rows if ls.built else 0),
         "eval_measured": eval_cache.measured,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | sz,
-        "seconds": time.perf_counter() - started,
     }
+    if zeroshot is not None:
+        _task_accuracy(doc, zeroshot, loaded, all_masks, cfg.progress)
+    doc["seconds"] = time.perf_counter() - started
     doc = jsonable(doc)
     write_json(cfg.out / "compare.json", doc)
     plot_compare(doc, cfg.out / "compare.png")
     return doc
+
+
+def _task_accuracy(doc: dict, zeroshot: ZeroShot, loaded: LoadedModel, masks: np.ndarray, progress: bool) -> None:
+    """Zero-shot accuracy of every distinct model (``masks[0]`` = dense) into ``doc``, relative to dense too."""
+    from tqdm.auto import tqdm
+
+    distinct = unique_rows(masks)
+    _log(f"zero-shot {', '.join(zeroshot.names)} on {len(distinct)} distinct models ...")
+    by_mask, run = {}, {}
+    for m in tqdm(distinct, desc="zero-shot tasks", disable=not progress):
+        results = zeroshot.evaluate(loaded.model, loaded.tokenizer, m)
+        by_mask[m.tobytes()], run = accuracy(results, top_only=True), results
+    dense = by_mask[masks[0].tobytes()]
+    doc["tasks"] = {"names": list(dense), "task_dir": zeroshot.task_dir, "limit": zeroshot.limit,
+                    "seed": zeroshot.seed, "batch_size": run["layershap"]["batch_size"],
+                    "lm_eval_version": run.get("lm_eval_version"), "models_evaluated": len(distinct)}
+    doc["full"]["tasks"] = with_retained(dense, dense)
+    for r, mask in zip(doc["results"], masks[1:]):
+        r["tasks"] = with_retained(by_mask[mask.tobytes()], dense)
 
 
 def _log(message: str) -> None:
