@@ -10,11 +10,13 @@ offline) ends in one line naming the fixes. Needs the ``lm-eval`` extra: ``pip i
 scores (same prompt, same tokenisation): per item, one (context, continuation) pair per answer choice and the
 gold index, so the answer log-likelihoods can be computed with any forward pass (e.g. a masked model's).
 
-Example:
+Example (``tokenizer`` of the embedded Gemma-3-270M):
     >>> task = load_choice_task("pydoc_mc", tokenizer, task_dir="benchmarks/tasks", limit=20)
     >>> item = task.items[0]
-    >>> item.gold, len(item.continuations), item.contexts[item.gold], item.continuations[item.gold]
-    (2, 4, (2, 9413, ...), (22070,))
+    >>> len(task.items), item.gold, len(item.continuations), item.contexts[0][:4], item.continuations[item.gold]
+    (20, 0, 4, (2, 14977, 236787, 15311), (219496,))
+    >>> tokenizer.decode(item.contexts[0] + item.continuations[item.gold])[-30:]
+    'browsers."?\\nAnswer: webbrowser'
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def load_tasks(names: list[str], task_dir: str | Path | None = None) -> tuple[li
     folder = _check_dir(task_dir)
     local = task_manager(folder, False).task_index if folder else {}
     needs_registry = any(n not in local and not n.endswith((".yaml", ".yml")) for n in names)
-    manager = task_manager(folder, needs_registry) if needs_registry else task_manager(folder, False)
+    manager = task_manager(folder, needs_registry)
     tasks: list = []
     for name in names:
         tasks.extend(_load_one(manager, name, local))

@@ -65,6 +65,7 @@ def _env_info_once() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``use_cache=False`` on the model's configs while lm-eval runs, restored after (also after an error)."""
     configs = {id(c): c for c in (model.config, _text_config(model))}.values()
     saved = [(c, getattr(c, "use_cache", None)) for c in configs]
     try:
