@@ -1,11 +1,15 @@
 """``layershap compare``: layershap vs peer depth-pruning methods, held-out perplexity per method and K
-(:func:`layershap.pruning.compare.run_compare`). Writes ``compare.json`` and ``compare.png`` (and, when it
-builds a surrogate, ``dataset.zarr``, ``surrogate/`` and ``scores.json``) into ``--out``; prints the table.
+(:func:`layershap.pruning.compare.run_compare`), and with ``--tasks`` zero-shot accuracy through
+lm-evaluation-harness (acc, acc_norm and the % of the dense model's accuracy each retains). Writes
+``compare.json`` and ``compare.png`` (and, when it builds a surrogate, ``dataset.zarr``, ``surrogate/`` and
+``scores.json``) into ``--out``; prints the table.
 
 Example:
     $ layershap compare --model gemma-3-270m --calib-text builtin --eval-text heldout.txt --remove 1,2,3,4
     $ layershap compare --model ./llama --calib-text c4 --eval-text wikitext2 --remove 2,4,8 \\
         --surrogate runs/llama/surrogate --device cuda
+    $ layershap compare --model gemma-3-270m --calib-text builtin --eval-text heldout.txt --remove 1,2,3 \
+        --tasks pydoc_mc --task-dir benchmarks/tasks --limit 100
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def compare(
     loading: LoadOptions = DEFAULT_LOADING,
     batch_size: int | None = None,
     out: str = "runs/compare",
+    tasks: str | None = None,
+    task_dir: str | None = None,
+    limit: int | None = None,
     progress: bool = True,
 ) -> int:
     """layershap vs peer pruning methods on held-out text.
@@ -62,12 +69,20 @@ def compare(
         seeds: random-removal seeds.
         seed: seed of the calibration windows, the masks and the surrogate training.
         loading: how to load the model (--device, --dtype, --device-map; the same for every command).
-        batch_size: windows per forward pass (default 4 on CPU, 8 on CUDA).
+        batch_size: windows (text) or requests (tasks) per forward pass (text: 4 on CPU, 8 on CUDA; tasks: 4 on
+            CPU, 16 on CUDA).
         out: output folder.
+        tasks: also evaluate every pruned model and the dense one on these comma-separated lm-eval tasks
+            (zero-shot acc and acc_norm, and the % of dense retained), e.g. piqa,hellaswag or local tasks in
+            --task-dir; needs `pip install 'layershap[tasks]'`.
+        task_dir: folder of local task files (lm-eval's YAML + JSONL format), searched before lm-eval's
+            registry.
+        limit: evaluate only the first N documents of each task (default: all).
         progress: show progress bars.
     """
     from pathlib import Path
 
+    from layershap.core.errors import LayershapError
     from layershap.pruning.compare import CompareConfig, run_compare
     from layershap.pruning.compare_report import format_table
 
@@ -80,12 +95,16 @@ def compare(
     for k in remove:
         positive("remove", k)
     non_negative("seed", seed)
+    positive("limit", limit)
+    task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()] or None
+    if (task_dir or limit) and not task_names:
+        raise LayershapError("--task-dir and --limit belong to --tasks; give --tasks A,B")
     cfg = CompareConfig(
         model=model, calib_text=calib_text, eval_text=eval_text, ks=list(remove), out=Path(out), windows=windows,
         seq_len=seq_len, eval_windows=None if eval_windows == "all" else eval_windows, eval_seq_len=eval_seq_len,
         eval_all_windows=eval_windows == "all", surrogate=surrogate, seeds=seeds, seed=seed, n_masks=n_masks,
         members=members, top=top, beam_width=beam_width, index=index, loading=loading, batch_size=batch_size,
-        progress=progress,
+        progress=progress, tasks=task_names, task_dir=task_dir, limit=limit,
     )
     doc = run_compare(cfg)
     print(format_table(doc))

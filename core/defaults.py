@@ -19,6 +19,7 @@ CALIBRATION_WINDOWS = 2  # token windows every mask is measured on
 CALIBRATION_SEQ_LEN = 256  # tokens per window (BOS added when the model has one)
 SPARSIFY_WINDOWS = 4  # windows of the calibration activations of `layershap sparsify` (Wanda, OWL)
 SPARSIFY_SEQ_LEN = 128  # tokens per such window
+TASK_SEED = 1234  # seed of lm-eval's generators for zero-shot tasks (lm-eval's own default)
 
 
 def main_job_masks(n_layers: int) -> int:

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from layershap.core.masks import check_masks
+
 from .evaluate import MaskedEvaluator
 from .loading import LoadedModel
 from .text import eval_windows, load_text, windows_sha256
@@ -25,8 +27,9 @@ DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 8}
 
 
 def evaluate_perplexity(loaded: LoadedModel, text_spec: str, seq_len: int, n_windows: int | None,
-                        batch_size: int) -> dict:
-    """Evaluation-protocol NLL and perplexity of ``loaded`` on text ``text_spec`` (``n_windows`` None = all).
+                        batch_size: int, mask: np.ndarray | None = None) -> dict:
+    """Evaluation-protocol NLL and perplexity of ``loaded`` on text ``text_spec`` (``n_windows`` None = all),
+    with the layers where ``mask`` is False skipped (None: every layer).
 
     Example:
         >>> evaluate_perplexity(load_model("pruned/"), "heldout.txt", 512, None, 1)["perplexity"]
@@ -35,11 +38,13 @@ def evaluate_perplexity(loaded: LoadedModel, text_spec: str, seq_len: int, n_win
     windows = eval_windows(loaded.tokenizer, text.text, seq_len, n_windows)
     evaluator = MaskedEvaluator(loaded.model, windows, batch_size=batch_size)
     start = time.perf_counter()
-    nll = float(evaluator.nll(np.ones((1, evaluator.n_layers), dtype=bool))[0])
+    keep = np.ones(evaluator.n_layers, bool) if mask is None else check_masks(mask, evaluator.n_layers)[0]
+    nll = float(evaluator.nll(keep[None, :])[0])
     return {
         "model_id": loaded.model_id,
         "model_hash": loaded.model_hash,
         "n_layers": evaluator.n_layers,
+        "removed_layers": np.flatnonzero(~keep).tolist(),
         "text_id": text.text_id,
         "seq_len": seq_len,
         "n_windows": int(windows.shape[0]),

@@ -3,8 +3,10 @@
 Every method chooses which K layers to remove from the **calibration** windows (through the same oracle:
 one :class:`MaskedEvaluator` on them, plus one hidden-states pass for the similarity methods); every choice
 is then scored by the held-out perplexity of the pruned model on the **evaluation** text (consecutive
-windows, BOS per window; evaluated in memory with the layers skipped). Each method reports the oracle
-passes it spent (one pass = the model, masked or not, over all calibration windows).
+windows, BOS per window; evaluated in memory with the layers skipped) and, with ``tasks``, by its zero-shot
+accuracy through lm-evaluation-harness (acc and acc_norm, also as % of the dense model's: "% retained").
+Each method reports the oracle passes it spent (one pass = the model, masked or not, over all calibration
+windows).
 
 layershap itself appears twice: the K layers with the lowest scores (semivalue / Shapley on the surrogate),
 and the surrogate-guided subset search (exhaustive or beam, top candidates re-measured by the oracle). Its
@@ -42,6 +44,7 @@ from layershap.oracle.measure import CachedOracle, dataset_identity, measure_mas
 from layershap.oracle.positions import fit_seq_len
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows, windows_sha256
+from layershap.oracle.zeroshot import ZeroShot
 from layershap.sampling.stratified import stratified_masks
 from layershap.shapley.estimate import compute_scores
 from layershap.shapley.scores_io import write_scores
@@ -51,6 +54,7 @@ from layershap.surrogate.train import train_surrogate
 
 from .baselines import Removal, lowest, run_baselines
 from .compare_report import plot_compare
+from .compare_tasks import task_accuracy
 from .search import search_and_verify
 
 # Defaults by device kind: calibration windows/tokens, evaluation windows/tokens, windows per forward pass,
@@ -90,6 +94,9 @@ class CompareConfig:
     loading: LoadOptions = DEFAULT_LOADING
     batch_size: int | None = None
     progress: bool = True
+    tasks: list[str] | None = None
+    task_dir: str | None = None
+    limit: int | None = None
 
 
 @dataclass
@@ -224,6 +231,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     calib = load_text(cfg.calib_text)
     evaluation = load_text(cfg.eval_text)
     check_texts_differ(calib, evaluation)
+    # tasks before the model: a missing task fails fast
+    zeroshot = ZeroShot(cfg.tasks, cfg.task_dir, cfg.limit, cfg.batch_size) if cfg.tasks else None
     loaded = load_model(cfg.model, **cfg.loading.as_kwargs())
     kind = "cuda" if loaded.device.type == "cuda" else "cpu"
     sz = _sizes(cfg, kind, loaded)
@@ -273,8 +282,10 @@ def run_compare(cfg: CompareConfig) -> dict:
         "oracle_measured": oracle.measured + (ls.rows if ls.built else 0),
         "eval_measured": eval_cache.measured,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | sz,
-        "seconds": time.perf_counter() - started,
     }
+    if zeroshot is not None:
+        task_accuracy(doc, zeroshot, loaded, all_masks, cfg.progress)
+    doc["seconds"] = time.perf_counter() - started
     doc = jsonable(doc)
     write_json(cfg.out / "compare.json", doc)
     plot_compare(doc, cfg.out / "compare.png")
