@@ -27,7 +27,8 @@ from torch import nn
 from layershap.core.errors import LayershapError, NonFiniteLossError
 from layershap.core.masks import check_masks
 
-from .layers import _text_config, find_layers, skip_layers
+from .families import text_config
+from .layers import find_layers, skip_layers
 from .prefix import PrefixRunner, plan_prefix_runs
 
 # Largest logits tile (tokens x vocab elements) materialised at once. Small tiles on CPU stay in cache.
@@ -168,7 +169,8 @@ class MaskedEvaluator:
         # A model sharded by a device map may keep its head on another GPU than the embeddings (self.device).
         head_weight = getattr(self.head, "weight", None)
         self.head_device = head_weight.device if head_weight is not None else self.device
-        config = _text_config(model)
+        self.head_dtype = head_weight.dtype if head_weight is not None else None
+        config = text_config(model)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         self.prefix_sharing = prefix_sharing
@@ -181,6 +183,8 @@ class MaskedEvaluator:
         self._ids = self.windows.to(self.device)  # moved once; batches are views
         layer_param = next(find_layers(model).layers[0].parameters(), None)
         itemsize = (layer_param.dtype if layer_param is not None else torch.float32).itemsize
+        if getattr(config, "residual_in_fp32", False):  # Mamba blocks hand float32 residuals to the next block
+            itemsize = max(itemsize, torch.float32.itemsize)
         self.slot_bytes = min(batch_size, self.windows.shape[0]) * self.windows.shape[1] * config.hidden_size * itemsize
         self.last_stats: dict[str, int] = {}
 
@@ -189,7 +193,8 @@ class MaskedEvaluator:
             yield self._ids[start : start + self.batch_size]
 
     def _loss_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.head_device)
+        # the head's own dtype, as the models' forwards cast (Mamba's final norm returns float32 residuals)
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.head_device, self.head_dtype)
         targets = ids[:, 1:].reshape(-1).to(self.head_device)
         if self.linear_head:
             total = tiled_token_nll(self.head.weight, self.head.bias, flat, targets, self.softcap,
@@ -240,7 +245,8 @@ class MaskedEvaluator:
                     totals: torch.Tensor) -> None:
         """Loss of the buffered final states of ``rows`` in one tiled head pass; empties the buffers."""
         targets = ids[:, 1:].reshape(-1).repeat(len(pending)).to(self.head_device)
-        token_nll = tiled_token_nll(self.head.weight, self.head.bias, torch.cat(pending).to(self.head_device),
+        token_nll = tiled_token_nll(self.head.weight, self.head.bias,
+                                    torch.cat(pending).to(self.head_device, self.head_dtype),
                                     targets, self.softcap, self.token_chunk, self.vocab_chunk)
         sums = token_nll.view(len(pending), -1).sum(dim=1, dtype=torch.float64).to(self.device)
         for j, row in enumerate(rows):  # device-side adds; a host->device index tensor would synchronise on CUDA
