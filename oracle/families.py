@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from layershap.core.errors import UnsupportedModelError
 
-from .family_base import Family, LayerWrapper, StateSpace, Transformer, _is_derived, resolve, text_config
+from .family_base import Family, LayerWrapper, StateSpace, Transformer, is_derived, resolve, text_config
 from .hybrid_families import Bamba, Jamba, Rwkv, Zamba2
 
 __all__ = ["FAMILIES", "LAYER_PATHS", "Family", "LayerWrapper", "family_of", "resolve", "supported_types",
@@ -86,8 +87,49 @@ def supported_types() -> str:
     return ", ".join(sorted(LAYER_PATHS))
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_transformers() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+@functools.lru_cache(maxsize=1)
+def _required_transformers() -> str | None:
+    """The transformers specifier layershap's package metadata declares (pyproject.toml), if installed."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        lines = requires("layershap") or []
+    except PackageNotFoundError:
+        return None
+    specs = [str(r.specifier) for r in map(Requirement, lines) if r.name == "transformers" and r.marker is None]
+    return specs[0] if specs else None
+
+
+@functools.lru_cache(maxsize=8)
+def _allowed(required: str, found: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(required).contains(found, prereleases=True)
+
+
+def check_transformers() -> None:
+    """Refuse a transformers release older than the one the families are written and tested for."""
+    required = _required_transformers()
+    found = _installed_transformers()
+    if required and not _allowed(required, found):
+        raise UnsupportedModelError(
+            f"layershap needs transformers{required} to skip decoder layers, found {found} (older releases "
+            f"build several architectures differently); upgrade it: pip install 'transformers{required}'"
+        )
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of ``model``: by ``model_type``, else found generically, else :class:`UnsupportedModelError`."""
+    check_transformers()
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = _BY_TYPE.get(model_type or "")
@@ -132,17 +174,22 @@ def _discover(model: nn.Module) -> tuple[str | None, str]:
     if len(found) != 1:
         return None, ("its backbone has no ModuleList of num_hidden_layers blocks" if not found else
                       f"its backbone has several candidate layer lists ({', '.join(found)})")
+    if getattr(config, "is_heterogeneous", False):
+        return None, "its config gives individual layers their own settings (per_layer_config)"
     from transformers import PretrainedConfig
 
     own_properties = {k for cls in type(config).__mro__ if issubclass(cls, PretrainedConfig)
                       and cls is not PretrainedConfig for k, v in vars(cls).items() if isinstance(v, property)}
     for key in sorted((set(config.to_dict()) | own_properties) - _HARMLESS_KEYS):
-        value = getattr(config, key, None)  # a property that cannot be computed here describes nothing we use
+        try:
+            value = getattr(config, key, None)
+        except Exception as err:  # noqa: BLE001 - any field we cannot read is one we cannot vouch for
+            return None, f"its config field {key!r} cannot be read ({type(err).__name__})"
         per_layer = isinstance(value, (list, tuple)) and len(value) == n
         named = (_PER_LAYER_KEY.search(key) is not None and not key.startswith("_")
                  and value is not None and value is not False and value != 0 and value != [] and value != ())
         if per_layer or named:
             return None, f"its config field {key!r} describes individual layers, which layershap cannot narrow"
-    if _is_derived(config, "layer_types") and len(set(config.layer_types or [])) > 1:
+    if is_derived(config, "layer_types") and len(set(config.layer_types or [])) > 1:
         return None, "its layer_types are computed from other config fields"
     return found[0], ""

@@ -34,14 +34,14 @@ def resolve(root: nn.Module, path: str) -> Any:
     return obj
 
 
-def _field(config, name: str) -> str:
+def field_name(config, name: str) -> str:
     """The attribute that really holds ``name`` (configs alias some names through ``attribute_map``)."""
-    return type(config).attribute_map.get(name, name)
+    return getattr(type(config), "attribute_map", {}).get(name, name)
 
 
-def _is_derived(config, name: str) -> bool:
+def is_derived(config, name: str) -> bool:
     """True when ``name`` is a read-only property of the config class (computed from other fields)."""
-    return isinstance(getattr(type(config), _field(config, name), None), property)
+    return isinstance(getattr(type(config), field_name(config, name), None), property)
 
 
 class LayerWrapper(nn.Module):
@@ -90,8 +90,8 @@ class Family:
         index and is increasing)."""
         values: dict[str, Any] = {"num_hidden_layers": len(kept)}
         types = getattr(config, "layer_types", None)
-        if types is not None and not _is_derived(config, "layer_types"):
-            values[_field(config, "layer_types")] = [types[j] for j in kept]
+        if types is not None and not is_derived(config, "layer_types"):
+            values[field_name(config, "layer_types")] = [types[j] for j in kept]
         max_window = getattr(config, "max_window_layers", None)
         if isinstance(max_window, int) and not isinstance(max_window, bool):
             # Qwen 2/3: layers at index >= max_window_layers use sliding windows; kept ones stay in order

@@ -261,3 +261,22 @@ def test_generic_discovery_and_clear_refusal():
         find_layers(neo)
     with pytest.raises(UnsupportedModelError, match="has no config"):
         find_layers(torch.nn.Linear(2, 2))
+
+
+def test_older_transformers_is_refused(monkeypatch):
+    """Below the floor pyproject.toml declares, transformers builds several families differently: refuse."""
+    import re
+    from pathlib import Path
+
+    from layershap.oracle import families
+
+    model = make_tiny_model("llama", 2)
+    assert find_layers(model).n_layers == 2
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    floor = re.search(r'"transformers(>=[0-9.]+)"', pyproject).group(1)
+    assert floor == ">=5.17"
+    # what the installed package metadata says (an editable install made before a floor change still has the old)
+    monkeypatch.setattr(families, "_required_transformers", lambda: floor)
+    monkeypatch.setattr(families, "_installed_transformers", lambda: "5.16.1")
+    with pytest.raises(UnsupportedModelError, match=r"needs transformers>=5\.17.*found 5\.16\.1"):
+        find_layers(model)
