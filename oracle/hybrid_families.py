@@ -138,17 +138,20 @@ class Jamba(Family):
             config.__class__ = ExplicitJambaConfig
         super().apply(config, values)
 
-    def custom_code(self, model: nn.Module) -> dict[str, Any] | None:
-        config = text_config(model)
-        if not _explicit(config):
-            return None
+    @staticmethod
+    def custom_code_files() -> dict[str, str]:
+        """The custom code a pruned Jamba may need: ``{file name: source}``."""
         from . import explicit_jamba
 
-        module = "explicit_jamba"
+        return {"explicit_jamba.py": Path(explicit_jamba.__file__).read_text()}
+
+    def custom_code(self, model: nn.Module) -> dict[str, Any] | None:
+        if not _explicit(text_config(model)):
+            return None
         return {
-            "files": {f"{module}.py": Path(explicit_jamba.__file__).read_text()},
-            "config": {"auto_map": {"AutoConfig": f"{module}.ExplicitJambaConfig",
-                                    "AutoModelForCausalLM": f"{module}.ExplicitJambaForCausalLM"}},
+            "files": self.custom_code_files(),
+            "config": {"auto_map": {"AutoConfig": "explicit_jamba.ExplicitJambaConfig",
+                                    "AutoModelForCausalLM": "explicit_jamba.ExplicitJambaForCausalLM"}},
         }
 
 

@@ -24,13 +24,42 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from layershap.core.errors import MaskError
+from layershap.core.errors import MaskError, UnsupportedModelError
 from layershap.core.jsonio import write_json
 from layershap.core.masks import check_masks
 
 from .layers import find_layers
 
 PRUNE_INFO_FILE = "layershap_prune.json"
+
+
+def remote_code_option(path: str | Path) -> dict[str, bool]:
+    """``from_pretrained`` keywords for the model directory ``path``: ``{"trust_remote_code": True}`` when its
+    only custom code is the one layershap writes beside a pruned model (byte for byte), ``{}`` without custom code.
+
+    A directory with any other custom code is refused: layershap never runs code it did not write.
+
+    Example:
+        >>> AutoModelForCausalLM.from_pretrained(path, **remote_code_option(path))
+    """
+    folder = Path(path)
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return {}
+    if not auto_map:
+        return {}
+    from .hybrid_families import Jamba
+
+    own = Jamba({}).custom_code_files()
+    modules = {str(ref).split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values()}
+    if modules <= own.keys() and all((folder / name).is_file() and (folder / name).read_text() == own[name]
+                                     for name in modules):
+        return {"trust_remote_code": True}
+    raise UnsupportedModelError(
+        f"{folder} holds custom model code (auto_map: {', '.join(sorted(modules))}) that layershap did not write; "
+        "layershap does not run it: review it and load the model yourself with trust_remote_code=True"
+    )
 
 
 def prune_model(model: nn.Module, mask: np.ndarray) -> nn.Module:

@@ -280,3 +280,24 @@ def test_older_transformers_is_refused(monkeypatch):
     monkeypatch.setattr(families, "_installed_transformers", lambda: "5.16.1")
     with pytest.raises(UnsupportedModelError, match=r"needs transformers>=5\.17.*found 5\.16\.1"):
         find_layers(model)
+
+
+def test_layershap_loads_its_own_custom_code_and_no_other(tmp_path):
+    """`layershap evaluate --model DIR` on a Jamba pruned with custom code runs that code (layershap's own file,
+    byte for byte) and refuses a directory whose custom code differs."""
+    from layershap.oracle.loading import load_model
+    from layershap.oracle.prune import remote_code_option
+
+    model = make_tiny_model("jamba", N_LAYERS, seed=1)
+    out = save_pruned_model(model, make_tiny_tokenizer(), masks_from_removed([1], N_LAYERS)[0], tmp_path / "p")
+    assert remote_code_option(out) == {"trust_remote_code": True}
+    loaded = load_model(str(out), device="cpu")
+    assert find_layers(loaded.model).n_layers == N_LAYERS - 1
+    assert layer_types(loaded.model) == [layer_types(model)[i] for i in range(N_LAYERS - 1)]
+    code = out / "explicit_jamba.py"
+    code.write_text(code.read_text() + "\nprint('not layershap')\n")
+    with pytest.raises(UnsupportedModelError, match="did not write"):
+        load_model(str(out), device="cpu")
+    plain = save_pruned_model(make_tiny_model("jamba", N_LAYERS, seed=1), None,
+                              masks_from_removed([0, 1], N_LAYERS)[0], tmp_path / "standard")
+    assert remote_code_option(plain) == {}
