@@ -1,8 +1,9 @@
 """Deep models with planted structure, for developing against models layershap was not tuned on.
 
-A planted model is a small Llama-shaped causal LM (random weights, ``--layers`` deep) whose layers were given known
-roles by weight surgery on their output projections (``o_proj`` and ``down_proj``, which scale a layer's update to
-the residual stream):
+A planted model is a small Mistral-shaped causal LM (random weights, ``--layers`` deep, sliding-window attention over
+the last 32 tokens, so that its text is a stationary process and a window cut anywhere from it is a fair sample)
+whose layers were given known roles by weight surgery on their output projections (``o_proj`` and ``down_proj``,
+which scale a layer's update to the residual stream):
 
 - **ordinary** layers: updates of random size (scale 0.6-1.4);
 - **cheap** layers: small updates (scale 0.12-0.2), the obvious removals;
@@ -14,9 +15,9 @@ the residual stream):
   path finds it);
 - an **interacting triple**: three copies of one layer at a third of the scale each.
 
-Its text is sampled from the dense model itself (temperature 1; a word-level tokenizer maps token ``i`` to the
-word ``t<i>``), so the dense model is the text's true distribution; held-out texts are samples of other seeds, at
-temperature 1 (same domain) and 0.8 (a shifted domain). ``build(folder, layers, seed)`` writes ``model/`` (a
+Its text is sampled from the dense model itself, as long continuous streams (temperature 1; a word-level tokenizer
+maps token ``i`` to the word ``t<i>``), so the dense model is the text's true distribution; held-out texts are
+samples of other seeds, at temperature 1 (same domain) and 0.8 (a shifted domain). ``build(folder, layers, seed)`` writes ``model/`` (a
 standard Hugging Face folder that ``layershap run --model`` loads), ``calib.txt``, ``heldout-same.txt``,
 ``heldout-shift.txt`` and ``roles.json``.
 
@@ -35,6 +36,9 @@ import torch
 
 VOCAB = 512
 HIDDEN = 64
+WINDOW = 32  # sliding attention window of every layer
+STREAM = 2048  # tokens per sampled stream
+UPDATE = 0.5  # overall scale of the layers' updates (an ordinary layer's leave-one-out KL: ~0.05-0.3 nats)
 
 
 def roles(n_layers: int, seed: int) -> dict:
@@ -58,13 +62,14 @@ def roles(n_layers: int, seed: int) -> dict:
 
 def planted_model(n_layers: int, seed: int):
     """The planted model (float32, eval mode) and its roles."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=n_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                           num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=STREAM + 8, sliding_window=WINDOW, bos_token_id=0, eos_token_id=1,
+                           tie_word_embeddings=False)
+    model = MistralForCausalLM(config).eval()
     r = roles(n_layers, seed)
     rng = np.random.default_rng(seed + 1)
     layers = model.model.layers
@@ -87,8 +92,8 @@ def planted_model(n_layers: int, seed: int):
             layers[c1].load_state_dict(layers[c0].state_dict())
             scale[[c0, c1]] = 1.0
         for i, layer in enumerate(layers):
-            layer.self_attn.o_proj.weight.mul_(float(scale[i]))
-            layer.mlp.down_proj.weight.mul_(float(scale[i]))
+            layer.self_attn.o_proj.weight.mul_(UPDATE * float(scale[i]))
+            layer.mlp.down_proj.weight.mul_(UPDATE * float(scale[i]))
         if r["cancelling_pair"] is not None:
             c1 = r["cancelling_pair"][1]
             layers[c1].self_attn.o_proj.weight.neg_()
@@ -97,18 +102,15 @@ def planted_model(n_layers: int, seed: int):
     return model, r, scale
 
 
-def sample_text(model, n_seq: int, seq_len: int, temperature: float, seed: int) -> str:
-    """``n_seq`` sequences of ``seq_len`` tokens sampled from ``model``, as words ``t<id>``, one line each."""
+def sample_text(model, streams: int, temperature: float, seed: int) -> str:
+    """``streams`` continuous streams of :data:`STREAM` tokens sampled from ``model`` (ancestral sampling with its
+    KV cache), as words ``t<id>``, one line each."""
     torch.manual_seed(seed)
-    lines = []
     with torch.no_grad():
-        for start in range(0, n_seq, 16):
-            count = min(16, n_seq - start)
-            ids = torch.zeros((count, 1), dtype=torch.long)  # BOS
-            out = model.generate(ids, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=seq_len,
-                                 min_new_tokens=seq_len, pad_token_id=1, eos_token_id=None)
-            lines += [" ".join(f"t{int(t)}" for t in row[1:]) for row in out]
-    return "\n".join(lines) + "\n"
+        ids = torch.zeros((streams, 1), dtype=torch.long)  # BOS
+        out = model.generate(ids, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=STREAM, min_new_tokens=STREAM, pad_token_id=1, eos_token_id=None)
+    return "\n".join(" ".join(f"t{int(t)}" for t in row[1:]) for row in out) + "\n"
 
 
 def word_tokenizer():
@@ -124,7 +126,7 @@ def word_tokenizer():
                                    pad_token="</s>")
 
 
-def build(folder: Path, n_layers: int, seed: int = 0, calib_seqs: int = 160, heldout_seqs: int = 24) -> Path:
+def build(folder: Path, n_layers: int, seed: int = 0, calib_streams: int = 16, heldout_streams: int = 2) -> Path:
     """Write the planted model, its texts and roles into ``folder`` (reused when already there)."""
     folder = Path(folder)
     if (folder / "roles.json").is_file():
@@ -134,9 +136,9 @@ def build(folder: Path, n_layers: int, seed: int = 0, calib_seqs: int = 160, hel
     tok = word_tokenizer()
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
-    (folder / "calib.txt").write_text(sample_text(model, calib_seqs, 256, 1.0, seed + 10))
-    (folder / "heldout-same.txt").write_text(sample_text(model, heldout_seqs, 256, 1.0, seed + 20))
-    (folder / "heldout-shift.txt").write_text(sample_text(model, heldout_seqs, 256, 0.8, seed + 30))
+    (folder / "calib.txt").write_text(sample_text(model, calib_streams, 1.0, seed + 10))
+    (folder / "heldout-same.txt").write_text(sample_text(model, heldout_streams, 1.0, seed + 20))
+    (folder / "heldout-shift.txt").write_text(sample_text(model, heldout_streams, 0.8, seed + 30))
     (folder / "roles.json").write_text(json.dumps({"layers": n_layers, "seed": seed, **r,
                                                    "scale": [round(float(s), 3) for s in scale]}, indent=2) + "\n")
     return folder

@@ -43,13 +43,14 @@ def prune(
         loading: how to load the model (--device, default cpu; --dtype: the dtype of the saved model;
             --device-map: for a model larger than the host memory, shard it over the GPUs).
     """
+    import json
     from pathlib import Path
 
     from layershap.core.masks import check_removal_count, masks_from_removed
     from layershap.oracle.identity import check_same_model
     from layershap.oracle.layers import find_layers
     from layershap.oracle.loading import load_model
-    from layershap.oracle.prune import save_pruned_model
+    from layershap.oracle.prune import PRUNE_INFO_FILE, save_pruned_model
     from layershap.pipeline.plans import plan_for, read_plans
     from layershap.shapley.scores_io import read_scores
 
@@ -103,5 +104,8 @@ def prune(
     info = {"model_id": loaded.model_id, "model_hash": loaded.model_hash, **source}
     written = save_pruned_model(loaded.model, loaded.tokenizer, mask, out, info)
     print(f"removed layers {removed} of {n} ({source['selection']}); {n - len(removed)} layers left")
-    print(f"wrote {written} (reload with AutoModelForCausalLM.from_pretrained, or `layershap evaluate --model {written}`)")
+    remote = json.loads((written / PRUNE_INFO_FILE).read_text())["trust_remote_code"]
+    reload = ("AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True): its layer pattern needs the "
+              "custom code saved beside it" if remote else "AutoModelForCausalLM.from_pretrained")
+    print(f"wrote {written} (reload with {reload}, or `layershap evaluate --model {written}`)")
     return 0

@@ -32,8 +32,9 @@ from torch import nn
 from layershap.core.errors import LayershapError, NonFiniteLossError
 from layershap.core.masks import check_masks
 
+from .families import text_config
 from .head_loss import HeadPass, KLReference, logits_at, tiled_head_pass, token_kl
-from .layers import _text_config, find_layers, skip_layers
+from .layers import find_layers, skip_layers
 from .measurement import DEFAULT_TOP_K, UTILITIES, Measurement
 from .positions import position_limit
 from .prefix import PrefixRunner, plan_prefix_runs
@@ -140,7 +141,8 @@ class MaskedEvaluator:
         # A model sharded by a device map may keep its head on another GPU than the embeddings (self.device).
         head_weight = getattr(self.head, "weight", None)
         self.head_device = head_weight.device if head_weight is not None else self.device
-        config = _text_config(model)
+        self.head_dtype = head_weight.dtype if head_weight is not None else None
+        config = text_config(model)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         self.prefix_sharing = prefix_sharing
@@ -162,6 +164,8 @@ class MaskedEvaluator:
         self._ids = self.windows.to(self.device)  # moved once; batches are views
         layer_param = next(find_layers(model).layers[0].parameters(), None)
         itemsize = (layer_param.dtype if layer_param is not None else torch.float32).itemsize
+        if getattr(config, "residual_in_fp32", False):  # Mamba blocks hand float32 residuals to the next block
+            itemsize = max(itemsize, torch.float32.itemsize)
         self.slot_bytes = min(batch_size, self.windows.shape[0]) * self.windows.shape[1] * config.hidden_size * itemsize
         self._reference: list[KLReference] | None = None  # per window batch, built on the first KL measurement
         self.last_stats: dict[str, int] = {}
@@ -171,16 +175,20 @@ class MaskedEvaluator:
             yield b, self._ids[start : start + self.batch_size]
 
     def _flat(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final states of the predicting positions ``[B*(L-1), H]`` and their targets, on the head's device."""
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.head_device)
+        """Final states of the predicting positions ``[B*(L-1), H]`` (in the head's own dtype, as the models'
+        forwards cast: Mamba's final norm returns float32 residuals) and their targets, on the head's device."""
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.head_device, self.head_dtype)
         return flat, ids[:, 1:].reshape(-1).to(self.head_device)
 
     def reference(self) -> list[KLReference]:
         """The dense model's top-k next-token distributions per window batch (one full-model pass, kept)."""
         if self._reference is None:
             refs = []
+            full = np.ones(self.n_layers, dtype=bool)
             for _, ids in self._batches():
-                flat, targets = self._flat(self.backbone(input_ids=ids, use_cache=False).last_hidden_state, ids)
+                with skip_layers(self.model, full):  # as every mask runs (e.g. RWKV's blocks unrescaled)
+                    hidden = self.backbone(input_ids=ids, use_cache=False).last_hidden_state
+                flat, targets = self._flat(hidden, ids)
                 dense = tiled_head_pass(self.head.weight, self.head.bias, flat, targets, self.softcap,
                                         self.token_chunk, self.vocab_chunk, top_k=self.top_k)
                 refs.append(KLReference.from_dense(self.head.weight, self.head.bias, flat, dense, self.softcap))

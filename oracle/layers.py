@@ -1,8 +1,9 @@
 """Locate a causal LM's decoder layer list and run it with chosen layers skipped.
 
-Skipping rebinds the model's layer ``ModuleList`` to the kept layers (no weight copies, no zeroing) and
-narrows ``config.num_hidden_layers`` / ``config.layer_types`` so every kept layer keeps its own attention
-type (Gemma 2/3 interleave sliding and full attention).
+Skipping rebinds the model's layer ``ModuleList`` to the kept layers (no weight copies, no zeroing) and narrows
+the config fields that describe individual layers (``num_hidden_layers``, ``layer_types`` and the family's own,
+see :mod:`.families`) for the duration, so every kept layer computes exactly what it computes in the full model
+(Gemma 2/3 interleave sliding and full attention; Jamba, Bamba and Zamba2 interleave attention and Mamba layers).
 
 Example:
     >>> with skip_layers(model, np.array([True, False, True])):
@@ -12,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,20 +22,9 @@ from torch import nn
 from layershap.core.errors import UnsupportedModelError
 from layershap.core.masks import check_masks
 
-# model_type -> dotted path of the decoder layer ModuleList from the CausalLM object.
-LAYER_PATHS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "gemma3": "model.language_model.layers",
-    "phi3": "model.layers",
-    "gpt2": "transformer.h",
-    "opt": "model.decoder.layers",
-    "gpt_neox": "gpt_neox.layers",
-}
+from .families import LAYER_PATHS, Family, family_of, resolve, text_config
+
+__all__ = ["LAYER_PATHS", "LayerHandle", "bind_layers", "find_layers", "layer_types", "skip_layers"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +34,8 @@ class LayerHandle:
     parent: nn.Module
     attr: str
     layers: nn.ModuleList
+    family: Family
+    path: str
 
     @property
     def n_layers(self) -> int:
@@ -51,58 +43,42 @@ class LayerHandle:
 
 
 def find_layers(model: nn.Module) -> LayerHandle:
-    """Return the decoder layer list of a supported Hugging Face causal LM."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    path = LAYER_PATHS.get(model_type or "")
-    if path is None:
-        supported = ", ".join(sorted(LAYER_PATHS))
-        raise UnsupportedModelError(
-            f"layershap does not know where model_type={model_type!r} keeps its decoder layers "
-            f"(class {type(model).__name__}). Supported model types: {supported}."
-        )
+    """Return the decoder layer list of a supported Hugging Face causal LM (see :mod:`.families`)."""
+    family = family_of(model)
+    path = family.layer_path(model)
     parent_path, attr = path.rsplit(".", 1)
-    parent = model
-    for part in parent_path.split("."):
-        parent = getattr(parent, part)
+    parent = resolve(model, parent_path)
     layers = getattr(parent, attr)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(f"{type(model).__name__}.{path} is {type(layers).__name__}, not a ModuleList")
-    return LayerHandle(parent=parent, attr=attr, layers=layers)
+    return LayerHandle(parent=parent, attr=attr, layers=layers, family=family, path=path)
 
 
 def layer_types(model: nn.Module) -> list[str]:
-    """Per-layer attention types (``config.layer_types``), or ``full_attention`` for every layer."""
-    n = find_layers(model).n_layers
-    types = getattr(_text_config(model), "layer_types", None)
-    return list(types) if types is not None else ["full_attention"] * n
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    """Per-layer types (``config.layer_types``: attention kinds, ``linear_attention`` for state-space layers)."""
+    handle = find_layers(model)
+    return handle.family.types(model, handle.n_layers)
 
 
 @contextlib.contextmanager
-def bind_layers(model: nn.Module, modules: list[nn.Module], types: list[str] | None) -> Iterator[None]:
-    """Temporarily replace the model's decoder layer list by ``modules`` (and ``config.layer_types`` by ``types``).
+def bind_layers(model: nn.Module, modules: list[nn.Module], kept: Sequence[int]) -> Iterator[None]:
+    """Temporarily replace the model's decoder layer list by ``modules``, which stand for the original layers
+    ``kept`` (increasing; a module may be a stand-in, e.g. a replayed hidden state), and narrow the config to them.
 
     Restores the original list and config on exit, also after an exception.
     """
     handle = find_layers(model)
-    config = _text_config(model)
-    saved_types = getattr(config, "layer_types", None)
-    saved_n = config.num_hidden_layers
-    setattr(handle.parent, handle.attr, nn.ModuleList(modules))
-    try:
-        config.num_hidden_layers = len(modules)
-        if saved_types is not None and types is not None:
-            config.layer_types = list(types)
-        yield
-    finally:
-        setattr(handle.parent, handle.attr, handle.layers)
-        config.num_hidden_layers = saved_n
-        if saved_types is not None:
-            config.layer_types = saved_types
+    family = handle.family
+    if len(modules) != len(kept):
+        raise ValueError(f"{len(modules)} modules stand for {len(kept)} layers")
+    config = text_config(model)
+    values = family.narrowed(config, list(kept))
+    with family.binding(model), family.configured(config, values):
+        setattr(handle.parent, handle.attr, nn.ModuleList(family.bound_modules(model, list(modules), list(kept))))
+        try:
+            yield
+        finally:
+            setattr(handle.parent, handle.attr, handle.layers)
 
 
 @contextlib.contextmanager
@@ -113,7 +89,6 @@ def skip_layers(model: nn.Module, mask: np.ndarray) -> Iterator[None]:
     """
     handle = find_layers(model)
     keep = check_masks(mask, handle.n_layers)[0]
-    types = getattr(_text_config(model), "layer_types", None)
-    kept_types = None if types is None else [t for t, k in zip(types, keep) if k]
-    with bind_layers(model, [layer for layer, k in zip(handle.layers, keep) if k], kept_types):
+    kept = [int(i) for i in np.flatnonzero(keep)]
+    with bind_layers(model, [handle.layers[i] for i in kept], kept):
         yield

@@ -270,6 +270,10 @@ def _load_pretrained(source: str, dtype: torch.dtype, local: bool, placement: di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": True} if local else {}
+    if local:  # a pruned Jamba layershap saved with its own custom code (the only custom code it runs)
+        from .prune import remote_code_option
+
+        kwargs.update(remote_code_option(source))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import _text_config
+from .families import text_config
 
 
 def position_limit(model: nn.Module) -> int | None:
@@ -20,7 +20,7 @@ def position_limit(model: nn.Module) -> int | None:
         >>> position_limit(AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024)))
         1024
     """
-    limit = getattr(_text_config(model), "max_position_embeddings", None)
+    limit = getattr(text_config(model), "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 

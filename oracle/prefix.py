@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import _text_config, bind_layers, find_layers
+from .families import LayerWrapper
+from .layers import bind_layers, find_layers
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,14 @@ def plan_prefix_runs(masks: np.ndarray, max_slots: int) -> PrefixPlan:
     return PrefixPlan(unique=unique, inverse=inverse.reshape(-1), steps=tuple(steps), max_slots=max_slots)
 
 
-class _Replay(nn.Module):
-    """Stands in for the first decoder layer of a run: ignores its input, returns a cached hidden state."""
+class _Replay(LayerWrapper):
+    """Stands in for the first decoder layer of a run: ignores its input, returns a cached hidden state.
 
-    def __init__(self, hidden: torch.Tensor, tuple_len: int) -> None:
-        super().__init__()
+    Attribute reads go to ``source``, the layer that produced the state (decoder loops read e.g. its
+    ``attention_type``)."""
+
+    def __init__(self, hidden: torch.Tensor, tuple_len: int, source: nn.Module) -> None:
+        super().__init__(source)
         self.hidden = hidden
         self.tuple_len = tuple_len
 
@@ -159,11 +163,13 @@ class _Replay(nn.Module):
         return self.hidden
 
 
-class _Capture(nn.Module):
-    """Runs a decoder layer and keeps a copy of its output hidden state (first element when it returns a tuple)."""
+class _Capture(LayerWrapper):
+    """Runs a decoder layer and keeps a copy of its output hidden state (first element when it returns a tuple).
+
+    Attribute reads it does not answer itself go to the layer."""
 
     def __init__(self, layer: nn.Module, sink: list[tuple[torch.Tensor, int]]) -> None:
-        super().__init__()
+        super().__init__(layer)
         self.layer = layer
         self.sink = sink
 
@@ -187,8 +193,6 @@ class PrefixRunner:
         self.model = model
         self.backbone = model.base_model
         self.layers = list(find_layers(model).layers)
-        types = getattr(_text_config(model), "layer_types", None)
-        self.types = list(types) if types is not None else None
         self.budget_bytes = int(budget_bytes)
         # depth -> (hidden state after that many kept layers, tuple length of the layer output (0 = tensor),
         #           index of the layer that produced it)
@@ -212,16 +216,15 @@ class PrefixRunner:
             if step.start not in self.cache:
                 raise RuntimeError(f"prefix plan starts from depth {step.start}, which is not cached")
             hidden, tuple_len, source = self.cache[step.start]
-            modules.append(_Replay(hidden, tuple_len))
-            indices.append(source)  # the replay slot takes the type of the layer that made the state
+            modules.append(_Replay(hidden, tuple_len, self.layers[source]))
+            indices.append(source)  # the replay slot stands for the layer that made the state (its type, position)
         sink: list[tuple[torch.Tensor, int]] = []
         capture_at = set(step.capture)
         for offset, layer_index in enumerate(step.layers):
             layer = self.layers[layer_index]
             modules.append(_Capture(layer, sink) if step.start + offset + 1 in capture_at else layer)
             indices.append(layer_index)
-        types = [self.types[j] for j in indices] if self.types is not None else None
-        with bind_layers(self.model, modules, types):
+        with bind_layers(self.model, modules, indices):
             out = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
         for depth, (tensor, tuple_len) in zip(step.capture, sink, strict=True):
             self.cache[depth] = (tensor, tuple_len, step.layers[depth - step.start - 1])

@@ -1,9 +1,13 @@
 """Apply a layer mask permanently: a depth-pruned Hugging Face model that saves, reloads and generates.
 
 Pruning deletes the removed decoder layers from the model's layer ``ModuleList``, renumbers every kept layer's
-``layer_idx`` (the KV-cache index of its attention), and shrinks the config (``num_hidden_layers``,
-``layer_types`` and, for Qwen2/3, ``max_window_layers``) so that ``AutoModelForCausalLM.from_pretrained``
-rebuilds exactly the kept layers, each with its own attention type.
+cache index (``layer_idx``; RWKV's ``layer_id``), and shrinks the config (``num_hidden_layers``, ``layer_types``
+and each family's per-layer fields: Qwen's ``max_window_layers``, Jamba's layer periods, Bamba's
+``attn_layer_indices``, Zamba2's ``layers_block_type`` and shared-block cycle, see :mod:`.families`) so that
+``AutoModelForCausalLM.from_pretrained`` rebuilds exactly the kept layers, each as it was. A Jamba whose kept
+layer pattern no period/offset formula gives is saved with Hugging Face's custom-code convention (``auto_map``
+and a self-contained ``explicit_jamba.py``); it reloads with ``trust_remote_code=True``, which
+``layershap_prune.json`` records (``"trust_remote_code": true``).
 
 Example:
     >>> mask = masks_from_removed([3, 7, 9], 18)[0]   # bool[18], False at 3, 7, 9
@@ -21,56 +25,57 @@ import numpy as np
 from torch import nn
 
 from layershap.core.errors import MaskError, UnsupportedModelError
+from layershap.core.jsonio import write_json
 from layershap.core.masks import check_masks
 
-from .layers import _text_config, find_layers
+from .layers import find_layers
 
 PRUNE_INFO_FILE = "layershap_prune.json"
 
 
-def _check_prunable(model: nn.Module, keep: np.ndarray) -> None:
-    kept = np.flatnonzero(keep)
-    if kept.size == 0:
-        raise MaskError("the mask removes every decoder layer; keep at least one layer")
-    config = _text_config(model)
-    renumbered = bool((kept != np.arange(kept.size)).any())
-    if renumbered and getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise UnsupportedModelError(
-            "this GPT-2 model scales attention by 1/(layer index + 1) (scale_attn_by_inverse_layer_idx=True), "
-            "so its layers cannot be renumbered without changing what they compute; only removing trailing "
-            "layers is supported for it"
-        )
+def remote_code_option(path: str | Path) -> dict[str, bool]:
+    """``from_pretrained`` keywords for the model directory ``path``: ``{"trust_remote_code": True}`` when its
+    only custom code is the one layershap writes beside a pruned model (byte for byte), ``{}`` without custom code.
+
+    A directory with any other custom code is refused: layershap never runs code it did not write.
+
+    Example:
+        >>> AutoModelForCausalLM.from_pretrained(path, **remote_code_option(path))
+    """
+    folder = Path(path)
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return {}
+    if not auto_map:
+        return {}
+    from .hybrid_families import Jamba
+
+    own = Jamba({}).custom_code_files()
+    modules = {str(ref).split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values()}
+    if modules <= own.keys() and all((folder / name).is_file() and (folder / name).read_text() == own[name]
+                                     for name in modules):
+        return {"trust_remote_code": True}
+    raise UnsupportedModelError(
+        f"{folder} holds custom model code (auto_map: {', '.join(sorted(modules))}) that layershap did not write; "
+        "layershap does not run it: review it and load the model yourself with trust_remote_code=True"
+    )
 
 
 def prune_model(model: nn.Module, mask: np.ndarray) -> nn.Module:
     """Delete the layers where ``mask`` is False from ``model`` in place and return it.
 
-    Kept layers are renumbered 0..m-1 (``layer_idx`` of the layer and of its attention), and the text
-    config's ``num_hidden_layers`` / ``layer_types`` (and ``max_window_layers`` when present) shrink to match.
+    Kept layers are renumbered 0..m-1 (their cache indices), and the config's per-layer fields shrink to match.
 
     Example:
         >>> prune_model(model, np.array([True, False, True, True]))   # 3 layers left
     """
     handle = find_layers(model)
     keep = check_masks(mask, handle.n_layers)[0]
-    _check_prunable(model, keep)
-    config = _text_config(model)
-    kept_layers = [layer for layer, k in zip(handle.layers, keep) if k]
-    for new_idx, layer in enumerate(kept_layers):
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx
-    setattr(handle.parent, handle.attr, nn.ModuleList(kept_layers))
-
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        config.layer_types = [t for t, k in zip(types, keep) if k]
-    max_window = getattr(config, "max_window_layers", None)
-    if isinstance(max_window, int):
-        config.max_window_layers = int(keep[: max(0, max_window)].sum())
-    config.num_hidden_layers = len(kept_layers)
-    if config is not model.config and hasattr(model.config, "num_hidden_layers"):
-        model.config.num_hidden_layers = len(kept_layers)
+    if not keep.any():
+        raise MaskError("the mask removes every decoder layer; keep at least one layer")
+    handle.family.check_prunable(model, keep)
+    handle.family.prune(model, handle, keep)
     return model
 
 
@@ -83,12 +88,14 @@ def save_pruned_model(
 ) -> Path:
     """Prune ``model`` in place with ``mask`` and write it (plus tokenizer) with ``save_pretrained``.
 
-    Also writes ``layershap_prune.json``: original layer count, removed and kept original indices, plus ``info``.
+    Also writes ``layershap_prune.json``: original layer count, removed and kept original indices, whether the
+    model needs ``trust_remote_code=True`` to reload, plus ``info``.
 
     Example:
         >>> save_pruned_model(model, tokenizer, masks_from_removed([3, 7], 18)[0], "pruned/", {"model_id": "g3"})
     """
-    n_layers = find_layers(model).n_layers
+    handle = find_layers(model)
+    n_layers = handle.n_layers
     keep = check_masks(mask, n_layers)[0]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -101,6 +108,12 @@ def save_pruned_model(
     prune_model(model, keep)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    custom = handle.family.custom_code(model)
+    if custom is not None:
+        for name, source in custom["files"].items():
+            (out / name).write_text(source)
+        config_file = out / "config.json"
+        write_json(config_file, {**json.loads(config_file.read_text()), **custom["config"]})
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     record = {
@@ -108,6 +121,7 @@ def save_pruned_model(
         "removed_layers": [int(i) for i in np.flatnonzero(~keep)],
         "kept_layers": [int(i) for i in np.flatnonzero(keep)],
         "n_layers": int(keep.sum()),
+        "trust_remote_code": custom is not None,
         **(info or {}),
     }
     (out / PRUNE_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")

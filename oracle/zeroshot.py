@@ -31,7 +31,8 @@ from layershap.core.defaults import TASK_SEED
 from layershap.core.jsonio import jsonable
 from layershap.core.masks import check_masks
 
-from .layers import _text_config, find_layers, skip_layers
+from .families import text_config
+from .layers import find_layers, skip_layers
 from .tasks import load_tasks
 
 # Requests per forward pass by device kind; fixed (never lm-eval's "auto"), so reruns batch alike.
@@ -66,7 +67,7 @@ def _env_info_once() -> Iterator[None]:
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module) -> Iterator[None]:
     """``use_cache=False`` on the model's configs while lm-eval runs, restored after (also after an error)."""
-    configs = {id(c): c for c in (model.config, _text_config(model))}.values()
+    configs = {id(c): c for c in (model.config, text_config(model))}.values()
     saved = [(c, getattr(c, "use_cache", None)) for c in configs]
     try:
         for c, _ in saved:

@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_VOCAB = 320
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt", "gpt_neox"]
+# State-space, RWKV and hybrid attention/state-space decoders (tests/oracle/test_architectures.py).
+RECURRENT_ARCHS = ["mamba", "mamba2", "falcon_mamba", "rwkv", "jamba", "bamba", "zamba2"]
 
 
 def tiny_config(arch: str, n_layers: int = 4, vocab: int = TINY_VOCAB):
@@ -46,6 +48,30 @@ def tiny_config(arch: str, n_layers: int = 4, vocab: int = TINY_VOCAB):
                             ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(**common, hidden_size=32, intermediate_size=64, max_position_embeddings=256)
+    mamba = {"vocab_size": vocab, "num_hidden_layers": n_layers, "hidden_size": 32, "state_size": 4, "expand": 2,
+             "conv_kernel": 3}
+    if arch == "mamba":
+        return tf.MambaConfig(**mamba)
+    if arch == "mamba2":
+        return tf.Mamba2Config(**mamba, num_heads=4, head_dim=16, n_groups=1, chunk_size=8)
+    if arch == "falcon_mamba":
+        return tf.FalconMambaConfig(**mamba)
+    if arch == "rwkv":  # rescale_every=2: the inference-time rescaling acts within 5 blocks
+        return tf.RwkvConfig(vocab_size=vocab, num_hidden_layers=n_layers, hidden_size=32, attention_hidden_size=32,
+                             intermediate_size=64, rescale_every=2, context_length=256)
+    hybrid = dict(llama_like, mamba_d_state=4, mamba_d_conv=3)
+    if arch == "jamba":  # attention at odd layers, a 2-expert MoE at even layers
+        return tf.JambaConfig(**hybrid, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                              expert_layer_offset=0, num_experts=2, num_experts_per_tok=1, mamba_expand=2)
+    if arch == "bamba":
+        return tf.BambaConfig(**hybrid, attn_layer_indices=[i for i in range(n_layers) if i % 3 == 1],
+                              mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=8)
+    if arch == "zamba2":  # hybrid layers cycle through 2 shared transformer blocks, each with per-layer adapters
+        pattern = ["mamba", "hybrid", "hybrid"]
+        hybrid.pop("num_key_value_heads")
+        return tf.Zamba2Config(**hybrid, layers_block_type=[pattern[i % 3] for i in range(n_layers)],
+                               n_mamba_heads=4, num_key_value_heads=2, num_mem_blocks=2, adapter_rank=4,
+                               use_shared_attention_adapter=True, use_mem_rope=True, chunk_size=8)
     raise ValueError(f"no tiny config for {arch}")
 
 
@@ -115,7 +141,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 # Where each tiny architecture keeps its decoder layers (written out here, independently of the library's table).
-_LAYER_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers"}
+_LAYER_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers",
+                "gemma3": "model.language_model.layers"}
 
 
 def loss_with_layers_deleted(model: torch.nn.Module | Path | str, ids, removed=()) -> float:

@@ -205,3 +205,21 @@ def test_non_finite_loss_is_a_clear_user_error():
     with pytest.raises(NonFiniteLossError) as info:
         ev.nll(np.array([[1, 1, 1]], bool))
     assert isinstance(info.value, LayershapError) and "rows [0]" in str(info.value)
+
+
+def test_layer_stand_ins_answer_the_attributes_decoder_loops_read():
+    """transformers 4.5x loops read ``decoder_layer.attention_type`` from every list entry; the prefix runner's
+    stand-ins answer every attribute of the layer they stand for (and hold no second copy of its weights)."""
+    from layershap.oracle.prefix import _Capture, _Replay
+
+    model = make_tiny_model("gemma3", 2, seed=0)
+    layer = model.model.layers[1]
+    layer.attention_type = "full_attention"  # what transformers 4.5x sets on each decoder layer
+    capture = _Capture(layer, [])
+    replay = _Replay(torch.zeros(1, 3, 32), 0, layer)
+    for stand_in in (capture, replay):
+        assert stand_in.attention_type == "full_attention"
+        assert stand_in.self_attn is layer.self_attn
+    assert replay.state_dict() == {} and len(capture.state_dict()) == len(layer.state_dict())
+    with pytest.raises(AttributeError):
+        _ = replay.no_such_attribute
