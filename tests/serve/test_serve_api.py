@@ -16,7 +16,7 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, Server, tiny_game, tiny_su
 
 from layershap.oracle.store import DatasetStore
 from layershap.pruning.search import best_removal_sets
-from layershap.pruning.sparsity import export_document, owl_sparsities
+from layershap.pruning.sparsity import bounded_sparsities, export_document
 from layershap.shapley.estimate import ensemble_scores
 from layershap.shapley.exact import exact_interactions
 from layershap.shapley.scores_io import ScoresRecord
@@ -168,7 +168,7 @@ def test_sparsities_are_the_export_document(setup):
     expected = export_document(ScoresRecord.from_dict(scores_doc), 0.6, 0.1, f"registry:{TINY}")
     assert doc == json.loads(json.dumps(expected))
     ratios = np.array(doc["sparsities"])
-    np.testing.assert_allclose(ratios, owl_sparsities(np.array(scores_doc["scores"]), 0.6, 0.1), rtol=1e-12)
+    np.testing.assert_allclose(ratios, bounded_sparsities(np.array(scores_doc["scores"]), 0.6, 0.1), rtol=1e-12)
     assert ratios.mean() == pytest.approx(0.6, abs=1e-12) and ratios.min() >= 0.5 - 1e-12
     order = np.argsort(scores_doc["scores"])
     assert (np.diff(ratios[order]) <= 1e-12).all()  # more important layer, lower sparsity
@@ -225,7 +225,7 @@ def test_client_returns_the_library_objects(setup):
                                    rtol=1e-9, atol=1e-12)
         export = client.sparsities(TINY, target=0.5, lam=0.05, index="banzhaf")
         banzhaf = ensemble_scores(sur, Index("banzhaf"), "exact", progress=False).values
-        np.testing.assert_allclose(export["sparsities"], owl_sparsities(banzhaf, 0.5, 0.05), rtol=1e-9)
+        np.testing.assert_allclose(export["sparsities"], bounded_sparsities(banzhaf, 0.5, 0.05), rtol=1e-9)
         nll, std = client.predict(GEMMA, np.ones((2, 18), bool))
         np.testing.assert_allclose(nll, setup["gemma"].predict_nll(np.ones((2, 18), bool)), rtol=1e-12)
         assert (std > 0).all()  # 8 members disagree a little
