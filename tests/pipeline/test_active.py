@@ -115,6 +115,16 @@ def test_select_uncertain_takes_top_spread_per_stratum():
     assert len(select_uncertain(masks, spread, 50)) == 9
 
 
+def test_select_uncertain_takes_one_pick_per_level_band():
+    masks = ~np.eye(6, dtype=bool)  # six masks with one layer removed: one stratum
+    spread = np.array([1.0, 5.0, 0.0, 9.0, 8.0, 2.0])
+    level = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])  # bands by level: rows {5, 4, 3} and {2, 1, 0}
+    assert select_uncertain(masks, spread, 2).tolist() == [3, 4]  # no level: the two largest spreads
+    assert select_uncertain(masks, spread, 2, level=level).tolist() == [1, 3]  # the largest of each band
+    assert select_uncertain(masks, spread, 3, level=level).tolist() == [1, 3, 4]  # bands {5,4} {3,2} {1,0}
+    assert select_uncertain(masks, spread, 2, level=np.zeros(6)).tolist() == [3, 4]  # one level: by spread
+
+
 def test_stability_rule():
     base = [{"tau": None, "same_top_k": False}]
     ok = {"tau": 0.97, "same_top_k": True}
@@ -122,6 +132,7 @@ def test_stability_rule():
     assert stable(base + [ok, ok], 0.95, 5, 2)
     assert not stable(base + [ok, {"tau": 0.97, "same_top_k": False}], 0.95, 5, 2)
     assert not stable(base + [ok, {"tau": 0.90, "same_top_k": True}], 0.95, 5, 2)
+    assert not stable(base + [ok, {**ok, "validated": False}], 0.95, 5, 2)  # scores on unvalidated counts
 
 
 def _linear_member(log_nll_of_removed: np.ndarray, base: float) -> MaskNet:
