@@ -6,8 +6,9 @@ The pool is the one the first active round would draw (:func:`layershap.sampling
 ``--pool`` unmeasured stratified masks over the store's removed-layer counts, seed ``--seed + 1``), for
 ``--rounds`` seeds in a row. Printed per rule: the share of picks that remove a *cornerstone* layer (a layer
 whose removal alone is measured above ``--cornerstone`` perplexity in the store) against the pool's share, the
-removed-layer counts of the picks, and the quantiles of their predicted perplexity (the ensemble mean nll). The log-nll spread without the level bands is shown too: the spread grows with
-the level in log-nll as well, so the bands, not the log scale alone, spread the picks.
+removed-layer counts of the picks, and the quantiles of their predicted perplexity (the ensemble mean nll).
+The log-nll spread without the level bands is shown too: the spread grows with the level in log-nll as well,
+so the bands, not the log scale alone, spread the picks.
 
 Example:
     $ python benchmarks/active_picks.py
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.surrogate}: {sur.members} members; store {len(store)} rows, removed counts {strata}; "
           f"cornerstone layers (alone > {args.cornerstone:g} perplexity): {corner}")
     quantiles = [0.1, 0.25, 0.5, 0.75, 0.9]
-    head = f"{'round':>5} {'rule':>28} {'cornerstone share':>18} " + "".join(f"{f'ppl q{q:g}':>11}" for q in quantiles)
+    head = f"{'round':>5} {'rule':>28} {'cornerstone share':>18} " + "".join(
+        f"{f'ppl q{q:g}':>11}" for q in quantiles)
     print(head)
     for k in range(args.rounds):
         seed = args.seed + 1 + k
