@@ -265,12 +265,9 @@ def choose_index(index: str, sizes: str | None, removed_counts: list[int] | None
             chosen = default_index(removed_counts, n, excluded)
     elif index not in INDEX_CHOICES:
         raise LayershapError(f"unknown --index {index!r}; use one of {', '.join(INDEX_CHOICES)}")
-    elif index == "semivalue":
-        r_max = covered_prefix(trusted_counts(removed_counts or [], excluded))
-        if r_max < 1:
-            raise LayershapError("the surrogate's data do not cover (or its held-out metrics do not validate) 0..1 "
-                                 "removed layers; give the range with --sizes A:B")
-        chosen = Index("semivalue", 1, min(r_max, n))
+    elif index == "semivalue":  # auto's range, written as a semivalue even when it is the whole 1..n
+        auto = default_index(removed_counts or [], n, excluded)
+        chosen = Index("semivalue", 1, n) if auto.kind == "shapley" else auto
     else:
         chosen = Index(index)
     chosen.validate(n)
