@@ -43,14 +43,15 @@ def scores_of(store_path: Path | None, out_dir: Path, args: argparse.Namespace, 
     from layershap.shapley.estimate import compute_scores
     from layershap.shapley.semivalues import default_index
     from layershap.surrogate.checkpoint import load_surrogate
+    from layershap.surrogate.metrics import not_validated
     from layershap.surrogate.train import train_surrogate
 
     if store_path is not None:
         train_surrogate(store_path, out_dir, members=members or args.members, seed=args.seed, hidden=args.hidden,
                         progress=False)
     sur = load_surrogate(out_dir)
-    return compute_scores(sur, sur.n_layers, default_index(sur.removed_counts, sur.n_layers), method="auto",
-                          progress=False)
+    index = default_index(sur.removed_counts, sur.n_layers, not_validated(sur.metadata))
+    return compute_scores(sur, sur.n_layers, index, method="auto", progress=False)
 
 
 def agreement(scores, reference, top_k: int = 5) -> tuple[float, bool]:

@@ -55,6 +55,7 @@ from layershap.sampling.specs import parse_mask_spec
 from layershap.shapley.estimate import ensemble_scores
 from layershap.shapley.semivalues import Index, default_index
 from layershap.surrogate.data import MaskDataModule
+from layershap.surrogate.metrics import not_validated
 from layershap.surrogate.train import train_ensemble
 
 HELDOUT = {
@@ -131,7 +132,7 @@ def layershap_methods(cal: CachedOracle, val: CachedOracle, n: int, ks: list[int
     dm = MaskDataModule(masks, nll, folds=8, seed=args.seed)
     sur = train_ensemble(dm, args.data / "surrogate", members=8, seed=args.seed, progress=False)
     meta = sur.metadata
-    base = ensemble_scores(sur, default_index(meta["removed_counts"], n), progress=False)
+    base = ensemble_scores(sur, default_index(meta["removed_counts"], n, not_validated(meta)), progress=False)
     methods = {PLAN: {k: (res.plans[k].removed, fresh_passes) for k in ks for fresh_passes in [len(fresh.asked)]}}
     methods[LOWEST] = {k: (tuple(sorted(np.argsort(base.values, kind="stable")[:k].tolist())), len(fresh.asked))
                        for k in ks}

@@ -10,8 +10,8 @@ calibration (consecutive non-overlapping windows, BOS per window, ``evaluate_per
 
 Allocations: ``uniform``; ``owl`` (outlier ratios of the dense model's calibration activations, m = 5); and one
 ``scores`` allocation per score source: a scores JSON (``label=path.json``) or an index computed here from the
-surrogate (``shapley``, ``banzhaf``, ``semivalue[A:B]``, ``k[K]``). Every non-uniform allocation uses the same
-bounded linear mapping with ``lambda``. Rows, in the order measured: 70 % unstructured, the lambda sweep at 70 %, 2:4
+surrogate (``shapley``, ``banzhaf``, ``semivalue[A:B]``, ``k[K]``). ``owl`` maps its ratios with OWL's own
+formula, the ``scores`` allocations with layershap's bounded linear mapping, both with ``lambda``. Rows, in the order measured: 70 % unstructured, the lambda sweep at 70 %, 2:4
 (mixed n:4 per layer for non-uniform budgets; identical to uniform when lambda rounds away), then 60 and 50 %.
 A configuration whose per-layer pruning counts equal one already measured is not pruned again; Ctrl-C prints the
 tables of the rows finished so far. Cells: perplexity and, in brackets, the ratio to uniform (< 1 = better).
@@ -71,6 +71,7 @@ def score_sources(specs: list[str], surrogate_dir: str, n_layers: int) -> dict[s
     from layershap.shapley.scores_io import read_scores
     from layershap.shapley.semivalues import choose_index
     from layershap.surrogate.checkpoint import load_surrogate
+    from layershap.surrogate.metrics import not_validated
 
     out, surrogate = {}, None
     for spec in specs:
@@ -82,7 +83,8 @@ def score_sources(specs: list[str], surrogate_dir: str, n_layers: int) -> dict[s
             if name is None:
                 raise SystemExit(f"{spec}: not LABEL=path.json nor shapley, banzhaf, semivalue[A:B] or k[K]")
             surrogate = surrogate or load_surrogate(surrogate_dir)
-            index = choose_index(name.group(1), name.group(2), surrogate.metadata.get("removed_counts"), n_layers)
+            index = choose_index(name.group(1), name.group(2), surrogate.metadata.get("removed_counts"), n_layers,
+                                 not_validated(surrogate.metadata))
             values = ensemble_scores(surrogate, index, method="exact", progress=False).values
         if values.size != n_layers:
             raise SystemExit(f"{spec}: {values.size} scores for {n_layers} layers")

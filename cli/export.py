@@ -28,7 +28,7 @@ def export(
     modifier: Literal["wanda", "sparsegpt"] = "wanda",
     pattern: str = "unstructured",
 ) -> int:
-    """Per-layer sparsity ratios for Wanda/SparseGPT-style pruners (OWL-style bounded mapping of the scores).
+    """Per-layer sparsity ratios for Wanda/SparseGPT-style pruners (layershap's bounded linear mapping of the scores).
 
     Args:
         scores: scores JSON written by `layershap shapley` (or `layershap run`).

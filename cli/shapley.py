@@ -1,8 +1,8 @@
 """``layershap shapley SURROGATE_DIR --out scores.json``: layer scores from a trained surrogate.
 
-Which index (``--index``, ``--sizes``): ``auto`` picks what the surrogate's training data cover (see
-:func:`layershap.shapley.semivalues.choose_index`); an index that weights removed-layer counts the data lack
-warns, naming them. Which method (``--method``): ``auto`` = exact enumeration for n <= 22, Monte Carlo above;
+Which index (``--index``, ``--sizes``): ``auto`` picks what the surrogate's training data cover and its held-out
+metrics validate (see :func:`layershap.shapley.semivalues.choose_index`); an index that weights removed-layer
+counts the data lack or do not validate warns, naming them and why. Which method (``--method``): ``auto`` = exact enumeration for n <= 22, Monte Carlo above;
 ``mc`` = paired permutation sampling for the Shapley value, size-stratified sampling for other indices;
 ``--mc-evals`` = value-function evaluations for Monte Carlo.
 

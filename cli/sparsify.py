@@ -46,7 +46,8 @@ def sparsify(
         allocation: per-layer budgets: uniform, owl (outlier ratios of the calibration activations) or
             scores (layer scores from --scores; more important layers are pruned less).
         scores: scores JSON of `layershap shapley` / `layershap run` (default runs/<model name>/scores.json).
-        lam: (--lambda) largest deviation of a layer's sparsity from the target (owl and scores).
+        lam: (--lambda) spread of the layer sparsities: owl spans exactly 2 x lambda (OWL's formula), scores stay
+            within lambda of the target.
         method: wanda (|weight| x input norm, per output row) or magnitude (|weight|, per matrix).
         pattern: unstructured, or N:M such as 2:4 (N pruned of every M; a non-uniform allocation then gives
             each layer its own n:M with the same mean, OWL's mixed N:M).

@@ -1,5 +1,6 @@
 """``layershap train STORE --out DIR``: fit the MLP surrogate ensemble on a dataset store and print its
-out-of-fold R², Spearman and Kendall τ, overall and per removed-layer count.
+held-out R², Spearman and Kendall τ (nested cross-validation), overall and per removed-layer count, with the
+counts they validate.
 
 Example:
     $ layershap train runs/default/dataset.zarr --out runs/default/surrogate --members 8
@@ -29,7 +30,7 @@ def train(
     Args:
         store: dataset store (zarr) written by `layershap oracle` or `layershap run`.
         out: folder for the surrogate (weights, metadata.json, validation.npz, fit.png).
-        members: ensemble size; member i validates on cross-validation fold i; spread = uncertainty.
+        members: ensemble size; member i is scored on fold i and early-stops on fold i+1; spread = uncertainty.
         seed: seed of the folds and the members.
         max_epochs: epoch limit per member.
         patience: early-stopping patience in epochs.
@@ -37,7 +38,7 @@ def train(
         depth: hidden layers.
         lr: Adam learning rate.
         batch_size: training batch size.
-        val_fraction: share of masks per fold, per removed-count stratum (folds = max(members, 1/val_fraction)).
+        val_fraction: share of masks per fold, per removed-count stratum (folds = max(members, 1/val_fraction, 3)).
         progress: show the progress bars.
     """
     from pathlib import Path

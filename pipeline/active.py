@@ -4,15 +4,20 @@ Loop (:func:`run_active_sampling`):
 
 1. the store holds an initial stratified set (measured here if ``initial`` is given);
 2. train a surrogate ensemble on every stored row and compute the layer scores with the index the data support
-   (:func:`~layershap.shapley.semivalues.default_index`: the pruning-range semivalue for stratified data);
+   (:func:`~layershap.shapley.semivalues.default_index`: the pruning-range semivalue over the removed-layer
+   counts where the held-out metrics validate the surrogate);
 3. **stop** when the ranking is stable: Kendall tau between consecutive rounds' scores >= ``tau`` *and* the same
    ``top_k`` least-important layers (the first ones a depth pruner removes), for ``stable_rounds`` consecutive
-   round pairs; or when the store holds ``budget`` rows; or when no unmeasured mask is left in the range;
+   round pairs, each round's index weighting only validated counts (a round whose metrics validate no count
+   from 1 on scores leave-one-out, ``validated`` false, and never counts as stable); or when the store holds ``budget`` rows; or when no unmeasured mask is left in the range;
 4. otherwise draw a pool of unmeasured candidate masks in the pruning range (removed-layer counts present in
-   the store), take the ``batch`` with the largest ensemble spread (``predict_std``), an equal share per
-   removed-layer count, measure them (never a mask already stored), and go to 2.
+   the store) and take ``batch`` of them where the members disagree most (:func:`member_disagreement`: the
+   spread of the members' log-nll), an equal share per removed-layer count and, within a count, the largest
+   spread of each band of predicted level; measure them (never a mask already stored), and go to 2.
 
-The mask picks themselves live in :mod:`layershap.sampling.active` (they take any scoring callable).
+The disagreement grows with the predicted level itself, so the level bands keep the picks off catastrophic
+masks alone (see :mod:`layershap.sampling.active`, which holds the picks; ``benchmarks/active_picks.py``
+compares both rules on the committed Gemma-3-270M surrogate).
 
 Example:
     >>> report = run_active_sampling(evaluator, store, budget=300, initial=96, batch=32, seed=0)
@@ -22,9 +27,10 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import kendalltau
 
 from layershap.core.errors import LayershapError
@@ -35,14 +41,37 @@ from layershap.sampling.active import available_masks, pick_uncertain
 from layershap.sampling.stratified import stratified_masks
 from layershap.shapley.estimate import compute_scores
 from layershap.shapley.semivalues import default_index
+from layershap.surrogate.checkpoint import Surrogate
+from layershap.surrogate.metrics import not_validated
 from layershap.surrogate.network import DEFAULT_HIDDEN
 from layershap.surrogate.train import train_surrogate
 
+DISAGREEMENT = ("sample std over the members of log(predicted nll); picks: an equal share per removed-layer "
+                "count, within a count the largest spread of each band of the ensemble's predicted log-nll")
+
+
+def member_disagreement(surrogate: Surrogate) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``masks -> (spread, level)``: the sample std over the members of their predicted ``log(nll)`` (members
+    learn standardized log-nll, so this is their natural disagreement) and the members' mean ``log(nll)``.
+
+    Example:
+        >>> spread, level = member_disagreement(surrogate)(masks)     # float64[k] each
+    """
+    if surrogate.members < 2:
+        raise LayershapError("member disagreement needs an ensemble of at least 2 members")
+
+    def rate(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logs = np.log(np.stack([surrogate.member(j).predict_nll(masks) for j in range(surrogate.members)]))
+        return logs.std(axis=0, ddof=1), logs.mean(axis=0)
+
+    return rate
+
 
 def stable(history: list[dict], tau: float, top_k: int, stable_rounds: int) -> bool:
-    """True when the last ``stable_rounds`` round-to-round comparisons all have tau >= ``tau`` and the same top-k.
+    """True when the last ``stable_rounds`` round-to-round comparisons all have tau >= ``tau`` and the same top-k,
+    each on scores whose index weights only removed-layer counts the held-out metrics validate.
 
-    ``history`` rows carry ``tau`` (None for the first round) and ``same_top_k``.
+    ``history`` rows carry ``tau`` (None for the first round), ``same_top_k`` and ``validated`` (missing = True).
 
     Example:
         >>> stable([{"tau": None}, {"tau": 0.97, "same_top_k": True}, {"tau": 0.99, "same_top_k": True}], 0.95, 5, 2)
@@ -51,7 +80,8 @@ def stable(history: list[dict], tau: float, top_k: int, stable_rounds: int) -> b
     if stable_rounds < 1 or len(history) < stable_rounds + 1:
         return False
     last = history[-stable_rounds:]
-    return all(h["tau"] is not None and h["tau"] >= tau and h["same_top_k"] for h in last)
+    return all(h["tau"] is not None and h["tau"] >= tau and h["same_top_k"] and h.get("validated", True)
+               for h in last)
 
 
 def run_active_sampling(
@@ -83,8 +113,9 @@ def run_active_sampling(
     ``active`` folder next to the store). ``train_options``: extra keywords for ``train_surrogate``.
 
     Returns a JSON-ready dict: ``stopped`` ("stable" | "budget" | "exhausted"), ``oracle_passes`` (masks measured
-    by this call), ``rows``, ``rounds`` (per round: rows, tau, same_top_k, top_k, mean spread of the chosen
-    masks, masks added, seconds), final ``scores``, ``ranking`` (least important first), ``index``,
+    by this call), ``rows``, ``rounds`` (per round: rows, index, validated and the unvalidated weighted counts
+    with why, tau, same_top_k, top_k, mean spread of the chosen
+    masks (log-nll), masks added, seconds), final ``scores``, ``ranking`` (least important first), ``index``,
     ``surrogate_dir`` and the ``criterion``.
 
     Example:
@@ -126,11 +157,14 @@ def run_active_sampling(
         surrogate_dir = out / f"round_{round_no:02d}"
         surrogate = train_surrogate(store, surrogate_dir, members=members, seed=seed, hidden=hidden,
                                     progress=progress, **(train_options or {}))
-        index = default_index(surrogate.removed_counts, n)
+        excluded = not_validated(surrogate.metadata) or {}
+        index = default_index(surrogate.removed_counts, n, excluded)
         scores = compute_scores(surrogate, n, index, method="auto", seed=seed, progress=False)
         ranking = scores.ranking()
-        entry = {"round": round_no, "rows": len(store), "index": scores.index, "tau": None, "same_top_k": False,
-                 "top_k": ranking[:top_k].tolist(), "added": 0, "mean_spread_chosen": None}
+        unvalidated = {str(r): why for r, why in excluded.items() if r in index.removed_counts_used(n)}
+        entry = {"round": round_no, "rows": len(store), "index": scores.index, "validated": not unvalidated,
+                 "not_validated": unvalidated, "tau": None, "same_top_k": False, "top_k": ranking[:top_k].tolist(),
+                 "added": 0, "mean_log_spread_chosen": None}
         if previous is not None:
             entry["tau"] = float(kendalltau(previous.values, scores.values).statistic)
             entry["same_top_k"] = set(previous.ranking()[:top_k].tolist()) == set(ranking[:top_k].tolist())
@@ -148,13 +182,13 @@ def run_active_sampling(
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             break
 
-        picked, spread = pick_uncertain(store.masks, n, strata, surrogate.predict_std,
+        picked, spread = pick_uncertain(store.masks, n, strata, member_disagreement(surrogate),
                                         min(batch, budget - len(store)), pool=pool, seed=seed + 1 + round_no)
         if store.missing(picked).sum() != len(picked):  # stratified_masks(exclude=...) guarantees this
             raise RuntimeError("active sampling picked a mask that is already stored")
         passes += measure_masks(evaluator, store, picked, progress=progress)
         entry["added"] = len(picked)
-        entry["mean_spread_chosen"] = float(spread.mean())
+        entry["mean_log_spread_chosen"] = float(spread.mean())
         entry["seconds"] = round(time.perf_counter() - t0, 3)
         round_no += 1
 
@@ -171,6 +205,7 @@ def run_active_sampling(
         "ranking": scores.ranking().tolist(),
         "surrogate_dir": str(surrogate_dir),
         "strata": strata,
+        "disagreement": DISAGREEMENT,
         "criterion": {"tau": tau, "top_k": top_k, "stable_rounds": stable_rounds,
                       "rule": f"Kendall tau >= {tau} and the same {top_k} least-important layers between "
                               f"consecutive rounds, {stable_rounds} times in a row"},

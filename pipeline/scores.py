@@ -23,6 +23,7 @@ from layershap.shapley.plot_scores import plot_interactions, plot_scores
 from layershap.shapley.scores_io import ScoresRecord, write_scores
 from layershap.shapley.semivalues import Index, choose_index, coverage_report, ranges_text, uncovered_counts
 from layershap.surrogate.checkpoint import Surrogate
+from layershap.surrogate.metrics import not_validated
 from layershap.surrogate.plot_fit import VALIDATION_FILE, plot_validation
 
 
@@ -59,11 +60,11 @@ def score_surrogate(
     check_scores_path(out)
     n = surrogate.n_layers
     meta = surrogate.metadata
-    removed = meta.get("removed_counts")
+    removed, excluded = meta.get("removed_counts"), not_validated(meta)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chosen = choose_index(index, sizes, removed, n)
-        coverage = coverage_report(chosen, removed, n)
+        chosen = choose_index(index, sizes, removed, n, excluded)
+        coverage = coverage_report(chosen, removed, n, excluded)
         missing_all = uncovered_counts(Index("shapley"), removed, n) if removed is not None else []
         if interactions and missing_all:
             warnings.warn(f"the Shapley interaction index weights every removed-layer count, and the surrogate "

@@ -3,13 +3,14 @@
 * ``uniform``: every layer gets the target.
 * ``owl`` (Outlier Weighed Layerwise sparsity): a layer's *outlier ratio* is the fraction of its Wanda scores
   ``|W| * ||X||`` (all its linear weights together) above ``m`` times their mean (``m = 5`` as in the paper);
-  layers with more outliers are pruned less.
+  layers with more outliers are pruned less, through OWL's own formula
+  (:func:`layershap.pruning.sparsity.owl_sparsities`: ``target + 2·lam·(mean(u) − u)``, ``u`` the min-max
+  normalised ratios; span exactly ``2·lam``).
 * ``scores``: layer scores (Shapley value, semivalue, ...) from a layershap scores JSON; more important
-  layers are pruned less.
+  layers are pruned less, through layershap's bounded linear mapping
+  (:func:`layershap.pruning.sparsity.bounded_sparsities`: every layer within ``lam`` of the target).
 
-Both non-uniform kinds use the same bounded linear mapping (:func:`layershap.pruning.sparsity.owl_sparsities`):
-values onto ``[target - lam, target + lam]``, highest value -> lowest sparsity, shifted so the mean is the
-target. ``lam`` must keep every layer inside ``[0, 1)``.
+``lam`` must keep every layer inside ``[0, 1)``.
 
 Example:
     >>> layer_budgets("scores", 18, target=0.7, lam=0.08, values=np.asarray(doc["scores"]))
@@ -24,7 +25,7 @@ import torch
 
 from layershap.core.errors import LayershapError
 
-from .sparsity import owl_sparsities
+from .sparsity import bounded_sparsities, owl_sparsities
 
 ALLOCATIONS = ("uniform", "owl", "scores")
 OWL_M = 5.0
@@ -32,6 +33,10 @@ OWL_M = 5.0
 
 def check_budget(target: float, lam: float, allocation: str) -> None:
     """Raise a :class:`LayershapError` for a target outside ``[0, 1)`` or a ``lam`` that leaves ``[0, 1)``.
+
+    ``scores``: every layer lies in ``[target - lam, target + lam]``, so that window must fit in ``[0, 1)``.
+    ``owl``: OWL's span is exactly ``2·lam``, so ``2·lam < 1`` is checked here; where the window lies depends on
+    the outlier ratios, so :func:`~layershap.pruning.sparsity.owl_sparsities` checks the values themselves.
 
     Example:
         >>> check_budget(0.7, 0.4, "scores")   # LayershapError: 0.7 + 0.4 reaches 1
@@ -44,6 +49,11 @@ def check_budget(target: float, lam: float, allocation: str) -> None:
         return
     if not lam >= 0.0:
         raise LayershapError(f"--lambda must be >= 0; got {lam}")
+    if allocation == "owl":
+        if 2.0 * lam >= 1.0:
+            raise LayershapError(f"--lambda {lam} is too large for OWL: its layer sparsities span 2 x lambda = "
+                                 f"{2 * lam:.4g}, which cannot fit in [0, 1); use --lambda below 0.5")
+        return
     if target + lam >= 1.0 or target - lam < 0.0:
         limit = min(target, 1.0 - target)
         raise LayershapError(
@@ -68,8 +78,8 @@ def layer_budgets(
 ) -> np.ndarray:
     """Per-layer sparsities ``float64[n_layers]`` with mean exactly ``target``.
 
-    ``values``: outlier ratios (``owl``) or layer scores (``scores``), higher = pruned less; unused for
-    ``uniform``.
+    ``values``: outlier ratios (``owl``, OWL's formula) or layer scores (``scores``, the bounded mapping),
+    higher = pruned less; unused for ``uniform``.
 
     Example:
         >>> layer_budgets("owl", 3, 0.5, 0.1, np.array([0.01, 0.03, 0.02]))
@@ -86,7 +96,7 @@ def layer_budgets(
             f"{values.size} layer values for a model with {n_layers} decoder layers; "
             "use scores computed for this model"
         )
-    return owl_sparsities(values, target, lam)
+    return owl_sparsities(values, target, lam) if allocation == "owl" else bounded_sparsities(values, target, lam)
 
 
 def zero_counts(budgets: np.ndarray, sizes: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ from layershap.shapley.estimate import compute_scores
 from layershap.shapley.scores_io import write_scores
 from layershap.shapley.semivalues import choose_index, coverage_report
 from layershap.surrogate.checkpoint import Surrogate, load_surrogate
+from layershap.surrogate.metrics import not_validated
 from layershap.surrogate.train import train_surrogate
 
 from .baselines import Removal, lowest, run_baselines
@@ -166,8 +167,9 @@ def build_surrogate(loaded: LoadedModel, calib_text_id: str, windows: np.ndarray
 
 
 def _surrogate_scores(surrogate: Surrogate, n: int, index: str, progress: bool):
-    chosen = choose_index(index, None, surrogate.metadata.get("removed_counts"), n)
-    coverage = coverage_report(chosen, surrogate.metadata.get("removed_counts"), n)
+    removed, excluded = surrogate.metadata.get("removed_counts"), not_validated(surrogate.metadata)
+    chosen = choose_index(index, None, removed, n, excluded)
+    coverage = coverage_report(chosen, removed, n, excluded)
     scores = compute_scores(surrogate, n, chosen, method="auto", progress=progress)
     return scores, chosen, coverage
 

@@ -32,6 +32,7 @@ from layershap.shapley.game import Scores
 from layershap.shapley.scores_io import ScoresRecord, scores_record
 from layershap.shapley.semivalues import Index, choose_index, coverage_report, uncovered_counts
 from layershap.surrogate.checkpoint import METADATA_FILE, Surrogate, load_surrogate
+from layershap.surrogate.metrics import not_validated
 
 
 def scores_from_dict(doc: dict) -> Scores:
@@ -95,7 +96,7 @@ def resolve_index(sur: Surrogate, kind: str, sizes: str | None = None) -> Index:
         raise LayershapError(f"sizes select the pruning-range semivalue; index kind {kind!r} takes none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the coverage warning is reported by scores_document
-        return choose_index(kind, sizes, sur.metadata.get("removed_counts"), sur.n_layers)
+        return choose_index(kind, sizes, sur.metadata.get("removed_counts"), sur.n_layers, not_validated(sur.metadata))
 
 
 def resolve_scores_method(sur: Surrogate, index: Index, method: str, budget: int | None, seed: int,
@@ -123,7 +124,8 @@ def resolve_scores_method(sur: Surrogate, index: Index, method: str, budget: int
 def _coverage(index: Index, sur: Surrogate) -> tuple[dict, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        coverage = coverage_report(index, sur.metadata.get("removed_counts"), sur.n_layers)
+        coverage = coverage_report(index, sur.metadata.get("removed_counts"), sur.n_layers,
+                                   not_validated(sur.metadata))
     return coverage, [str(w.message) for w in caught]
 
 

@@ -5,7 +5,7 @@ Fields: ``format``/``format_version``, ``package_version``, ``model_id``, ``mode
 ``index_description``, ``utility`` (``"-nll (nats)"``: scores are in nats of mean token log-likelihood, higher =
 more important), ``scores`` and ``stderr`` (per layer), ``ranking`` (layer indices, least important first),
 ``prune_rank`` (1 = least important), ``n_evals``, ``seconds``, ``efficiency`` (Σ scores vs v(full) − v(empty)),
-``coverage`` (removed-layer counts in the surrogate's data, weighted by the index, and uncovered),
+``coverage`` (removed-layer counts in the surrogate's data, weighted by the index, uncovered and not validated),
 ``surrogate_metrics`` (validation metrics), ``warnings``, and — when computed — ``interactions`` (n × n
 pairwise Shapley interaction index, diagonal 0). Unknown extra fields are allowed; readers ignore them.
 

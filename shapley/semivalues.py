@@ -21,15 +21,22 @@ with one weight ``p_s`` per coalition size ``s = |S|`` (0 ≤ s ≤ n−1). ``S`
   gone", the regime a K-layer depth pruning lives in; ``k[1]`` is leave-one-out.
 
 Which index to compute for a surrogate (:func:`choose_index`): a surrogate is trustworthy only on the
-removed-layer counts it was trained on. ``auto`` picks the pruning-range semivalue over ``1..R`` removed layers,
-``R`` the largest count such that ``0..R`` all occur in the training data, or the Shapley value when every count
-``0..n`` occurs. An index that weights counts the data lack warns, naming them (:func:`coverage_report`).
+removed-layer counts it was trained on *and* validated on. Callers pass the counts in the training data and
+``excluded``, the counts among them whose held-out metrics do not validate the surrogate, each with the reason
+(:func:`layershap.surrogate.metrics.not_validated` states the rule). ``auto`` picks the pruning-range semivalue
+over ``1..R`` removed layers, ``R`` the largest count such that ``0..R`` all occur in the training data and none
+is excluded, or the Shapley value when every count ``0..n`` qualifies. An index that weights counts the data
+lack, or excluded counts, warns, naming them and why (:func:`coverage_report`). (Over 300 lines: the indices and
+the rules choosing one for a surrogate are one contract that the CLI, the pipeline and the service import from
+here.)
 
 Example:
     >>> Index("semivalue", 1, 6).weights(18).shape      # float64[18], p_s for s = 0..17
     (18,)
     >>> default_index([0, 1, 2, 3, 4, 5, 6, 9], 18).name
     'semivalue[1:6]'
+    >>> default_index(range(10), 18, excluded={8: "Spearman 0.20 < 0.5 on 9 held-out rows"}).name
+    'semivalue[1:7]'
     >>> choose_index("auto", None, [0, 1, 2, 3], 8).name
     'semivalue[1:3]'
 """
@@ -39,7 +46,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,20 +186,44 @@ def covered_prefix(removed_counts: Iterable[int]) -> int:
     return r
 
 
-def default_index(removed_counts: Iterable[int], n: int) -> Index:
-    """The index a surrogate's training data support: Shapley if counts ``0..n`` are all present, else
-    ``semivalue[1:R]`` with ``R`` the largest count such that ``0..R`` are all present.
+def trusted_counts(removed_counts: Iterable[int], excluded: Mapping[int, str] | None = None) -> list[int]:
+    """The counts of ``removed_counts`` not in ``excluded`` (sorted).
+
+    Example:
+        >>> trusted_counts([0, 1, 2, 3], {2: "3 held-out rows < 5"})
+        [0, 1, 3]
+    """
+    skip = {int(r) for r in (excluded or {})}
+    return sorted({int(r) for r in removed_counts} - skip)
+
+
+def default_index(removed_counts: Iterable[int], n: int, excluded: Mapping[int, str] | None = None) -> Index:
+    """The index a surrogate's training data support: Shapley if counts ``0..n`` are all present and none is
+    ``excluded`` (count -> why its held-out metrics do not validate it), else ``semivalue[1:R]`` with ``R`` the
+    largest count such that ``0..R`` all qualify. When the data hold the full model and single-layer removals
+    but the metrics validate no count from 1 on, ``semivalue[1:1]`` (leave-one-out on the surrogate, the least
+    extrapolation there is); :func:`coverage_report` then warns why.
+
+    Example:
+        >>> default_index([0, 1, 2, 3], 8, excluded={3: "2 held-out rows < 5"}).name
+        'semivalue[1:2]'
+        >>> default_index([0, 1, 2, 3], 8, excluded={1: "4 held-out rows < 5"}).name
+        'semivalue[1:1]'
     """
     counts = sorted({int(r) for r in removed_counts})
-    r_max = covered_prefix(counts)
+    r_max = covered_prefix(trusted_counts(counts, excluded))
     if r_max >= n:
         return Index("shapley")
     if r_max < 1:
+        if covered_prefix(counts) >= 1 and 0 not in (excluded or {}):
+            return Index("semivalue", 1, 1)
+        why = "; ".join(f"{r} removed: {excluded[r]}" for r in (0, 1) if excluded and r in excluded)
         raise LayershapError(
-            f"the surrogate's training data cover removed-layer counts {counts}, which do not include both the "
-            "full model (0) and single-layer removals (1), so no pruning-range semivalue is supported by data; "
-            "retrain on a store with the full model and leave-one-out masks, or force an index with "
-            "--index shapley / --sizes A:B"
+            f"the surrogate's training data cover removed-layer counts {counts}"
+            + (f", but its held-out metrics do not validate it there ({why})" if why else
+               ", which do not include both the full model (0) and single-layer removals (1)")
+            + ", so no pruning-range semivalue is supported by data; measure more masks (full model and "
+            "leave-one-out included) and retrain, or force an index with --index shapley / --sizes A:B"
         )
     return Index("semivalue", 1, r_max)
 
@@ -203,9 +234,11 @@ def uncovered_counts(index: Index, removed_counts: Iterable[int], n: int) -> lis
     return [r for r in index.removed_counts_used(n) if r not in present]
 
 
-def choose_index(index: str, sizes: str | None, removed_counts: list[int] | None, n: int) -> Index:
+def choose_index(index: str, sizes: str | None, removed_counts: list[int] | None, n: int,
+                 excluded: Mapping[int, str] | None = None) -> Index:
     """The :class:`Index` for ``--index`` (one of :data:`INDEX_CHOICES`) and ``--sizes A:B``, given the
-    surrogate's training removed counts (None = unknown: warns and takes the Shapley value).
+    surrogate's training removed counts (None = unknown: warns and takes the Shapley value) and the
+    ``excluded`` counts its held-out metrics do not validate (see :func:`default_index`).
 
     Example:
         >>> choose_index("auto", None, [0, 1, 2, 3], 8).name
@@ -229,22 +262,25 @@ def choose_index(index: str, sizes: str | None, removed_counts: list[int] | None
                           "computing the Shapley value", stacklevel=2)
             chosen = Index("shapley")
         else:
-            chosen = default_index(removed_counts, n)
+            chosen = default_index(removed_counts, n, excluded)
     elif index not in INDEX_CHOICES:
         raise LayershapError(f"unknown --index {index!r}; use one of {', '.join(INDEX_CHOICES)}")
-    elif index == "semivalue":
-        r_max = covered_prefix(removed_counts or [])
-        if r_max < 1:
-            raise LayershapError("the surrogate's data do not cover 0..1 removed layers; give the range with --sizes A:B")
-        chosen = Index("semivalue", 1, min(r_max, n))
+    elif index == "semivalue":  # auto's range, written as a semivalue even when it is the whole 1..n
+        auto = default_index(removed_counts or [], n, excluded)
+        chosen = Index("semivalue", 1, n) if auto.kind == "shapley" else auto
     else:
         chosen = Index(index)
     chosen.validate(n)
     return chosen
 
 
-def coverage_report(chosen: Index, removed_counts: list[int] | None, n: int) -> dict:
-    """Removed-layer counts in the data, weighted by ``chosen``, and uncovered; warns when any are uncovered.
+def coverage_report(chosen: Index, removed_counts: list[int] | None, n: int,
+                    excluded: Mapping[int, str] | None = None) -> dict:
+    """Removed-layer counts in the data, weighted by ``chosen``, uncovered (weighted, absent from the data) and
+    not validated (in the data, ``excluded``: each with why); warns when weighted counts are either.
+
+    ``not_validated`` lists every excluded count of the data (weighted or not, so a report says why ``auto``
+    stopped where it did); ``None`` when validation is unknown (``excluded`` None).
 
     Example:
         >>> coverage_report(Index("semivalue", 1, 3), [0, 1, 2, 3], 8)["uncovered"]
@@ -252,7 +288,8 @@ def coverage_report(chosen: Index, removed_counts: list[int] | None, n: int) -> 
     """
     weighted = chosen.removed_counts_used(n)
     if removed_counts is None:
-        return {"removed_counts_in_data": None, "removed_counts_weighted": weighted, "uncovered": None}
+        return {"removed_counts_in_data": None, "removed_counts_weighted": weighted, "uncovered": None,
+                "not_validated": None}
     missing = uncovered_counts(chosen, removed_counts, n)
     if missing:
         warnings.warn(
@@ -263,8 +300,20 @@ def coverage_report(chosen: Index, removed_counts: list[int] | None, n: int) -> 
             UserWarning,
             stacklevel=2,
         )
-    return {"removed_counts_in_data": sorted(int(r) for r in removed_counts), "removed_counts_weighted": weighted,
-            "uncovered": missing}
+    present = {int(r) for r in removed_counts}
+    bad = {int(r): why for r, why in (excluded or {}).items() if int(r) in present}
+    weighted_bad = [r for r in weighted if r in bad]
+    if weighted_bad:
+        warnings.warn(
+            f"{chosen.name} weights models with {ranges_text(weighted_bad)} layers removed, where the surrogate's "
+            "held-out metrics do not validate it (" + "; ".join(f"{r}: {bad[r]}" for r in weighted_bad) + "); "
+            "its scores rest on unvalidated predictions there. Use --index auto for the validated range, or "
+            "measure more masks of those sizes and retrain.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return {"removed_counts_in_data": sorted(present), "removed_counts_weighted": weighted, "uncovered": missing,
+            "not_validated": None if excluded is None else [{"removed": r, "why": bad[r]} for r in sorted(bad)]}
 
 
 def ranges_text(values: list[int]) -> str:

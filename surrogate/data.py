@@ -3,7 +3,7 @@ stratified by removed-layer count, and the target log(nll) standardized over all
 
 Example:
     >>> dm = MaskDataModule.from_store("runs/default/dataset.zarr", folds=5, seed=0)
-    >>> dm.hold_out(1); dm.target_mean, dm.target_std, len(dm.val_index)
+    >>> dm.hold_out(1); dm.target_mean, dm.target_std, len(dm.val_index), len(dm.test_index)
     >>> dm = MaskDataModule(masks, nll, folds=5, seed=0)     # in-memory rows (tests, synthetic games)
 """
 
@@ -22,27 +22,31 @@ from layershap.oracle.store import DatasetStore
 
 from .network import encode_masks
 
+MIN_FOLDS = 3  # one fold scored, one for early stopping, at least one to fit on
+MIN_SPLIT_ROWS = 3  # a stratum with fewer rows is never held out (two folds out could take all of it)
+
 
 def stratified_folds(removed: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold id (``0 .. folds-1``) of every row, or ``-1`` for rows that are never held out.
 
     Within each removed-layer-count stratum the rows, in a seeded random order, are dealt round-robin to the
-    folds starting at a seeded fold, so every fold gets an equal share of every stratum (±1 row) and every
-    stratum with at least two rows keeps training rows whichever fold is held out. A stratum with a single
-    row (e.g. the full model) is always trained on.
+    folds starting at a seeded fold, so every fold gets an equal share of every stratum (±1 row). A stratum
+    occupies consecutive folds, so taking two consecutive folds out (one scored, one for early stopping:
+    :meth:`MaskDataModule.hold_out`) leaves every stratum of at least :data:`MIN_SPLIT_ROWS` rows some rows to
+    fit on; a smaller stratum (e.g. the full model's single row) is always trained on.
 
     Example:
-        >>> stratified_folds(np.array([0, 1, 1, 2, 2, 2, 2]), 2, seed=0).tolist()   # doctest: +SKIP
-        [-1, 1, 0, 0, 1, 0, 1]
+        >>> stratified_folds(np.array([0, 1, 1, 1, 2, 2, 2, 2]), 3, seed=0).tolist()
+        [-1, 1, 2, 0, 1, 0, 0, 2]
     """
     removed = np.asarray(removed)
-    if folds < 2:
-        raise LayershapError(f"cross-validation needs at least 2 folds, got {folds}")
+    if folds < MIN_FOLDS:
+        raise LayershapError(f"nested cross-validation needs at least {MIN_FOLDS} folds, got {folds}")
     fold = np.full(len(removed), -1, dtype=np.int64)
     rng = np.random.default_rng(seed)
     for r in np.unique(removed):
         rows = np.flatnonzero(removed == r)
-        if len(rows) < 2:
+        if len(rows) < MIN_SPLIT_ROWS:
             continue
         order = rng.permutation(rows)
         fold[order] = (int(rng.integers(folds)) + np.arange(len(order))) % folds
@@ -61,15 +65,15 @@ def canonical_order(masks: np.ndarray) -> np.ndarray:
 
 
 def folds_for(members: int, val_fraction: float) -> int:
-    """Folds of the cross-validated ensemble: one per member, at least ``round(1 / val_fraction)``.
+    """Folds of the cross-validated ensemble: one per member, at least ``round(1 / val_fraction)`` and 3.
 
     Example:
-        >>> folds_for(3, 0.2), folds_for(10, 0.2)
-        (5, 10)
+        >>> folds_for(3, 0.2), folds_for(10, 0.2), folds_for(1, 0.5)
+        (5, 10, 3)
     """
     if not 0.0 < val_fraction < 1.0:
         raise LayershapError(f"the validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    return max(int(members), max(2, round(1.0 / val_fraction)))
+    return max(int(members), max(MIN_FOLDS, round(1.0 / val_fraction)))
 
 
 class MaskDataModule(L.LightningDataModule):
@@ -78,8 +82,10 @@ class MaskDataModule(L.LightningDataModule):
     Rows are kept in :func:`canonical_order`, so a store's rows give the same surrogate whatever order they
     were measured in.
 
-    ``folds`` folds (see :func:`stratified_folds`); :meth:`hold_out` picks the fold a member validates on, so
-    the members of an ensemble validate on different rows and together learn from all of them. The target is
+    ``folds`` folds (see :func:`stratified_folds`); :meth:`hold_out` picks the fold a network is scored on
+    (``test_index``) and the next one, on which it early-stops (``val_index``); it fits on the others
+    (``train_index``). The members of an ensemble are scored on different folds and together learn from
+    every row. The target is
     ``log(nll)`` standardized with the mean and std over all rows: log-perplexities span 3 to 50 nats once
     cornerstone layers go, and on the log scale the pruning-relevant masks (nll near the full model's) are no
     longer drowned by them (Gemma-3-270M, 256 masks: 0.45 instead of 1.1 nats held-out RMSE on those masks).
@@ -127,7 +133,8 @@ class MaskDataModule(L.LightningDataModule):
         if (self.fold_of < 0).all():
             raise LayershapError(
                 f"no row can be held out for validation from {len(self.nll)} masks: every removed-layer count "
-                "has a single mask; measure more masks (e.g. `layershap oracle --masks stratified --n-masks 64`)"
+                f"has fewer than {MIN_SPLIT_ROWS} masks; measure more masks (e.g. `layershap oracle --masks "
+                "stratified --n-masks 64`)"
             )
         if self.nll.min() == self.nll.max():
             raise LayershapError("every mask has the same nll; there is nothing to learn")
@@ -137,12 +144,18 @@ class MaskDataModule(L.LightningDataModule):
         self.hold_out(0)
 
     def hold_out(self, fold: int) -> None:
-        """Validate on fold ``fold`` (``0 .. folds-1``) and train on every other row."""
+        """Score on fold ``fold`` (``0 .. folds-1``: ``test_index``), early-stop on fold ``fold + 1 mod folds``
+        (``val_index``) and fit on every other row (``train_index``); the three never share a row.
+
+        Example:
+            >>> dm.hold_out(2); dm.fold, dm.stop_fold      # (2, 3) with 5 folds; (4, 0) for hold_out(4)
+        """
         if not 0 <= fold < self.folds:
             raise ValueError(f"fold must be in 0..{self.folds - 1}, got {fold}")
-        self.fold = fold
-        self.val_index = np.flatnonzero(self.fold_of == fold)
-        self.train_index = np.flatnonzero(self.fold_of != fold)
+        self.fold, self.stop_fold = fold, (fold + 1) % self.folds
+        self.test_index = np.flatnonzero(self.fold_of == fold)
+        self.val_index = np.flatnonzero(self.fold_of == self.stop_fold)
+        self.train_index = np.flatnonzero((self.fold_of != fold) & (self.fold_of != self.stop_fold))
 
     @classmethod
     def from_store(cls, store: str | Path | DatasetStore, **kwargs) -> MaskDataModule:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.linear_model import Ridge
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_masks
@@ -98,11 +99,11 @@ class PairwiseModel:
         x = pair_features(masks)
         penalty = np.concatenate([np.full(n, ALPHA_LINEAR), np.full(x.shape[1] - n, alpha)])
         target = y - intercept
-        if x.shape[0] < x.shape[1]:  # the dual: w = P^-1 X^T (X P^-1 X^T + I)^-1 y, rows x rows
-            scaled = x / penalty
-            weights = scaled.T @ np.linalg.solve(scaled @ x.T + np.eye(x.shape[0]), target)
-        else:
-            weights = np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ target)
+        # scikit-learn's ridge on features scaled by 1/sqrt(penalty) is exactly the ridge with per-term penalties;
+        # it solves in the dual (rows x rows) when there are fewer rows than terms (80 layers: 3,240 terms)
+        root = np.sqrt(penalty)
+        ridge = Ridge(alpha=1.0, fit_intercept=False, solver="cholesky").fit(x / root, target)
+        weights = ridge.coef_ / root
         return cls(n, intercept, weights, len(nll), float(offset))
 
     def pair_matrix(self) -> np.ndarray:

@@ -5,7 +5,7 @@ Example:
     >>> family_of({"model_id": "gemma-3-270m"})
     'gemma3_text'
     >>> describe(load_surrogate("artifacts/gemma-3-270m/surrogate").metadata)["rows"]
-    160
+    184
 """
 
 from __future__ import annotations

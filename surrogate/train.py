@@ -1,11 +1,13 @@
-"""Train the surrogate ensemble: K MLP members (different seeds, each validating on its own cross-validation
-fold), early stopping on validation loss, best-epoch weights kept, deterministic on CPU. Writes into ``out_dir``:
+"""Train the surrogate ensemble: K MLP members (different seeds), early stopping on validation loss, best-epoch
+weights kept, deterministic on CPU; held-out metrics by nested cross-validation (each held-out row predicted by
+a network that neither fitted nor early-stopped on it: :func:`train_ensemble`). Writes into ``out_dir``:
 
 - ``member_<i>.pt`` + ``metadata.json`` (model id/hash, n_layers, dataset hash, target normalisation, removed
   counts of the rows, architecture, training settings, validation metrics): see checkpoint.py;
-- ``validation.npz``: held-out ``masks``, ``measured`` nll, out-of-fold ``predicted`` nll, ensemble
-  ``predicted_std``;
-- ``fit.png``: out-of-fold predicted vs measured;
+- ``validation.npz``: held-out ``masks``, ``measured`` nll, held-out ``predicted`` nll, ensemble
+  ``predicted_std``, the ``fold`` each row was scored in and the ``member`` that scored it (-1: an
+  assessment-only network);
+- ``fit.png``: held-out predicted vs measured;
 - ``history.csv``: member, epoch, train_loss, val_loss (standardized units).
 
 Example:
@@ -26,14 +28,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
-from tqdm.auto import tqdm
 
 from layershap.core.errors import LayershapError
 from layershap.oracle.store import DatasetStore
 
+from .callbacks import BestWeights, EpochBar
 from .checkpoint import TARGET, Surrogate
 from .data import MaskDataModule, folds_for
-from .metrics import fit_metrics
+from .metrics import SPLIT_PROTOCOL, fit_metrics
 from .model import MaskMLP
 from .network import DEFAULT_HIDDEN, MaskNet
 from .plot_fit import VALIDATION_FILE, plot_fit
@@ -107,11 +109,21 @@ def train_ensemble(
 
     ``provenance``: model_id, model_hash, dataset_hash, ... copied into metadata.json (for in-memory data
     pass e.g. ``{"model_id": "synthetic", "model_hash": None, "dataset_hash": None}``).
-    Member ``i`` validates (early stopping, best epoch) on fold ``i mod dm.folds`` and trains on the rest, so the
-    ensemble learns from every row. ``metadata["metrics"]`` of the returned surrogate is
-    ``{"overall": {...}, "by_removed": [...]}`` of :func:`~layershap.surrogate.metrics.fit_metrics` on the
-    out-of-fold predictions: each held-out row predicted by the member(s) that did not train on it
-    (cross-validation, never a row a member saw).
+
+    Nested cross-validation, so the reported metrics rest on rows no network used for any decision: network
+    ``k`` is *scored* on fold ``k``, *early-stops* (epoch count and best-epoch weights) on fold ``k + 1 mod
+    folds`` and *fits* on the other folds (:meth:`MaskDataModule.hold_out`). Members are networks
+    ``0 .. members-1``; every fold no member is scored on (``members < folds``) gets one more network, fitted
+    the same way and used only for its fold's held-out predictions (``training.assessment_runs``; not
+    saved). So every row of a stratum with at least 3 rows is predicted exactly once, by a network that never
+    fitted or early-stopped on it, and ``metadata["metrics"]`` (:func:`~layershap.surrogate.metrics.fit_metrics`,
+    ``{"overall": {...}, "by_removed": [...]}``) are those predictions' metrics.
+
+    Why this split and not a test fold no member ever sees: the final members still learn from every row
+    (each fits on all folds but two; the ensemble fits on every row), where a fixed test fold would be lost
+    to the surrogate; the cost is one fold per member for early stopping. Only the target's standardization
+    (mean and std of log(nll) over all rows, two numbers) and the fold assignment (by removed-layer count, no
+    nll) are shared by all networks.
 
     Example:
         >>> dm = MaskDataModule(masks, nll, folds=5, seed=0)
@@ -121,30 +133,48 @@ def train_ensemble(
         raise LayershapError(f"--members must be >= 1, got {members}")
     if max_epochs < 1 or patience < 1 or hidden < 1 or depth < 1:
         raise LayershapError("max_epochs, patience, hidden and depth must all be >= 1")
-    for i in range(members):
-        fold = i % dm.folds
+    for fold in range(dm.folds):  # every fold is scored once and is some network's early-stopping fold
         if not (dm.fold_of == fold).any():
             raise LayershapError(
                 f"only {len(dm.nll)} measured masks: cross-validation fold {fold} of {dm.folds} gets no row, so "
-                f"member {i + 1} has nothing to validate on; measure more masks (e.g. `layershap oracle --masks "
+                f"a network has nothing to validate on; measure more masks (e.g. `layershap oracle --masks "
                 f"stratified --n-masks 64`) or train fewer --members"
             )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    seeds = member_seeds(seed, members)
-    nets, runs, history = [], [], []
-    for i, s in enumerate(seeds):
-        dm.hold_out(i % dm.folds)
+    all_seeds = member_seeds(seed, max(members, dm.folds))  # a prefix: members get member_seeds(seed, members)
+    seeds = all_seeds[:members]
+    scored = {i % dm.folds for i in range(members)}
+    networks = [(i, i % dm.folds) for i in range(members)] + [
+        (f, f) for f in range(dm.folds) if f not in scored]  # (seed index, scored fold)
+    nets, runs, assessment, history = [], [], [], []
+    predicted = np.full(len(dm.nll), np.nan)
+    scored_by = np.full(len(dm.nll), -2, dtype=np.int64)  # member index, -1 = an assessment network
+    for k, (s, fold) in enumerate(networks):
+        member = k < members
+        dm.hold_out(fold)
+        label = f"member {k + 1}/{members}" if member else f"assessment network for fold {fold}"
         net, run, hist = fit_member(
-            dm, s, hidden=hidden, depth=depth, max_epochs=max_epochs, patience=patience, lr=lr,
-            weight_decay=weight_decay, progress=progress, label=f"member {i + 1}/{members}",
+            dm, all_seeds[s], hidden=hidden, depth=depth, max_epochs=max_epochs, patience=patience, lr=lr,
+            weight_decay=weight_decay, progress=progress, label=label,
         )
-        run["fold"] = dm.fold
-        nets.append(net)
-        runs.append(run)
-        history += [(i, *row) for row in hist]
+        run.update(fold=dm.fold, stop_fold=dm.stop_fold)
+        rows = dm.test_index
+        if (scored_by[rows] != -2).any():
+            raise RuntimeError("a held-out row was scored twice")  # folds are distinct by construction
+        one = Surrogate([net], {"n_layers": dm.n_layers, "target": TARGET, "target_mean": dm.target_mean,
+                                "target_std": dm.target_std, "removed_counts": dm.removed_counts})
+        predicted[rows] = one.predict_nll(dm.masks[rows])
+        scored_by[rows] = k if member else -1
+        if member:
+            nets.append(net)
+            runs.append(run)
+            history += [(k, *row) for row in hist]
+        else:
+            assessment.append(run)
     provenance = dict(provenance or {})
+    held = np.flatnonzero(scored_by != -2)
     metadata = {
         "model_id": provenance.pop("model_id", None), "model_hash": provenance.pop("model_hash", None),
         "n_layers": dm.n_layers, "dataset_hash": provenance.pop("dataset_hash", None),
@@ -152,81 +182,28 @@ def train_ensemble(
         "removed_counts": dm.removed_counts,
         **provenance,
         "split": {"rows": len(dm.nll), "folds": dm.folds, "seed": dm.seed, "stratified_by": "removed-layer count",
-                  "held_out": int(np.isin(dm.fold_of, [run["fold"] for run in runs]).sum()),
-                  "rule": "member i validates on fold i mod folds"},
+                  "held_out": len(held), "protocol": SPLIT_PROTOCOL,
+                  "rule": "network k is scored on fold k, early-stops on fold k+1 mod folds and fits on the "
+                          "others; members are networks 0..members-1, folds no member is scored on get an "
+                          "assessment-only network"},
         "training": {"seed": seed, "members": members, "member_seeds": seeds, "max_epochs": max_epochs,
                      "patience": patience, "lr": lr, "weight_decay": weight_decay, "batch_size": dm.batch_size,
                      "loss": "mse on standardized log(nll), weight 1/(1 + removed layers)",
-                     "optimizer": "adam", "runs": runs},
+                     "optimizer": "adam", "runs": runs, "assessment_runs": assessment},
     }
     surrogate = Surrogate(nets, metadata)
-    oof_sum = np.zeros(len(dm.nll))
-    oof_count = np.zeros(len(dm.nll), dtype=np.int64)
-    for i, run in enumerate(runs):  # out-of-fold: each member predicts the rows of the fold it validated on
-        rows = np.flatnonzero(dm.fold_of == run["fold"])
-        oof_sum[rows] += surrogate.member(i).predict_nll(dm.masks[rows])
-        oof_count[rows] += 1
-    held = np.flatnonzero(oof_count > 0)
-    val_masks, val_nll = dm.masks[held], dm.nll[held]
-    predicted = oof_sum[held] / oof_count[held]
+    val_masks, val_nll, val_pred = dm.masks[held], dm.nll[held], predicted[held]
     spread = surrogate.predict_std(val_masks)
-    metrics = fit_metrics(val_masks, val_nll, predicted)
-    metadata["metrics"] = metrics
+    metadata["metrics"] = fit_metrics(val_masks, val_nll, val_pred)
     metadata["training"]["seconds"] = round(time.perf_counter() - started, 3)
     surrogate.save(out)
-    np.savez(out / VALIDATION_FILE, masks=val_masks, measured=val_nll, predicted=predicted, predicted_std=spread)
-    plot_fit(val_nll, predicted, (~val_masks).sum(axis=1), out / "fit.png", predicted_std=spread,
-             title=f"surrogate, out-of-fold on {len(val_nll)} masks ({members} member{'s' * (members > 1)})")
+    np.savez(out / VALIDATION_FILE, masks=val_masks, measured=val_nll, predicted=val_pred, predicted_std=spread,
+             fold=dm.fold_of[held], member=scored_by[held])
+    plot_fit(val_nll, val_pred, (~val_masks).sum(axis=1), out / "fit.png", predicted_std=spread,
+             title=f"surrogate, held out on {len(val_nll)} masks (nested CV; {members} member{'s' * (members > 1)})")
     lines = ["member,epoch,train_loss,val_loss"] + [f"{m},{e},{t!r},{v!r}" for m, e, t, v in history]
     (out / "history.csv").write_text("\n".join(lines) + "\n")
     return surrogate
-
-
-class _BestWeights(Callback):
-    """Keeps the weights of the epoch with the lowest ``val_loss`` in memory, and the loss history."""
-
-    def __init__(self) -> None:
-        self.best_loss = float("inf")
-        self.best_epoch = -1
-        self.state: dict[str, torch.Tensor] | None = None
-        self.history: list[tuple[int, float, float]] = []
-        self._val = float("nan")
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._val = float(trainer.callback_metrics["val_loss"])
-        if self._val < self.best_loss:
-            self.best_loss, self.best_epoch = self._val, trainer.current_epoch
-            self.state = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        train_loss = float(trainer.callback_metrics.get("train_loss", float("nan")))
-        self.history.append((trainer.current_epoch, train_loss, self._val))
-
-
-class _EpochBar(Callback):
-    """One tqdm bar per member over epochs, showing the validation loss."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
-        self.bar: tqdm | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.bar = tqdm(total=self.total, desc=f"training surrogate {self.label}", unit="epoch", leave=True)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        assert self.bar is not None
-        val = trainer.callback_metrics.get("val_loss")
-        if val is not None:
-            self.bar.set_postfix(val_loss=f"{float(val):.4f}", refresh=False)
-        self.bar.update(1)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.bar is not None:
-            if trainer.should_stop and self.bar.n < self.total:
-                self.bar.set_description(f"training surrogate {self.label} (early stop)")
-            self.bar.close()
 
 
 @contextlib.contextmanager
@@ -277,10 +254,10 @@ def fit_member(
         L.seed_everything(seed, workers=True, verbose=False)
         module = MaskMLP(dm.n_layers, hidden=hidden, depth=depth, lr=lr, weight_decay=weight_decay,
                          anchor=dm.full_target)
-        best = _BestWeights()
+        best = BestWeights()
         callbacks: list[Callback] = [EarlyStopping(monitor="val_loss", mode="min", patience=patience), best]
         if progress:
-            callbacks.append(_EpochBar(max_epochs, label))
+            callbacks.append(EpochBar(max_epochs, label))
         trainer = L.Trainer(
             accelerator="cpu", devices=1, deterministic=True, max_epochs=max_epochs, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

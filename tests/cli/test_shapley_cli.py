@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -126,6 +127,28 @@ def test_default_index_is_the_covered_semivalue(partial_surrogate, tmp_path, cap
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_auto_index_leaves_out_a_count_with_poor_held_out_metrics(partial_surrogate, tmp_path, capsys):
+    """The same surrogate, its metadata saying the 3-removed masks were ordered at Spearman 0.1 on their
+    held-out rows: auto stops at 2 removed and the coverage says why; asking for 1:3 warns with the reason."""
+    copy = tmp_path / "sur"
+    shutil.copytree(partial_surrogate, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    assert meta["split"]["protocol"] == "nested" and meta["removed_counts"] == [0, 1, 2, 3]
+    assert [s["removed"] for s in meta["metrics"]["by_removed"]] == [1, 2, 3]  # every count validated as trained
+    run_cli([str(copy), "--out", str(tmp_path / "before.json"), "--no-progress"], capsys)
+    assert json.loads((tmp_path / "before.json").read_text())["index"] == "semivalue[1:3]"
+    meta["metrics"]["by_removed"][2].update(spearman=0.1, kendall=0.05, r2=-0.5)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    code, _, stderr = run_cli([str(copy), "--out", str(tmp_path / "auto.json"), "--no-progress"], capsys)
+    assert code == 0 and "warning" not in stderr
+    doc = json.loads((tmp_path / "auto.json").read_text())
+    assert doc["index"] == "semivalue[1:2]"
+    assert doc["coverage"]["not_validated"] == [{"removed": 3, "why": "Spearman 0.10 < 0.5 on 20 held-out rows"}]
+    code, _, stderr = run_cli([str(copy), "--out", str(tmp_path / "asked.json"), "--sizes", "1:3", "--no-progress"],
+                              capsys)
+    assert code == 0 and "held-out metrics do not validate" in stderr and "3: Spearman 0.10" in stderr
+
+
 def test_shapley_on_partial_data_warns_with_uncovered_counts(partial_surrogate, tmp_path, capsys):
     out = tmp_path / "shap.json"
     code, _, stderr = run_cli([partial_surrogate, "--out", str(out), "--index", "shapley", "--no-progress"], capsys)
@@ -140,10 +163,18 @@ def test_shapley_on_partial_data_warns_with_uncovered_counts(partial_surrogate, 
     assert (tmp_path / "shap.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_full_coverage_defaults_to_shapley_with_interactions(full_surrogate, tmp_path, capsys):
-    out = tmp_path / "s.json"
-    code, stdout, stderr = run_cli([full_surrogate, "--out", str(out), "--interactions", "--no-progress"], capsys)
+def test_full_data_shapley_with_interactions(full_surrogate, tmp_path, capsys):
+    # every mask is in the data, but the empty model is one row, never held out: auto stops at 5 removed, and
+    # the Shapley value (asked for) warns that it weights 6 removed, which no held-out row validates
+    auto = tmp_path / "auto.json"
+    code, _, stderr = run_cli([full_surrogate, "--out", str(auto), "--no-progress"], capsys)
     assert code == 0 and "warning" not in stderr
+    assert read_doc(auto)["index"] == "semivalue[1:5]"
+    assert read_doc(auto)["coverage"]["not_validated"] == [{"removed": 6, "why": "no held-out row"}]
+    out = tmp_path / "s.json"
+    code, stdout, stderr = run_cli([full_surrogate, "--out", str(out), "--index", "shapley", "--interactions",
+                                    "--no-progress"], capsys)
+    assert code == 0 and "6: no held-out row" in stderr
     doc = read_doc(out)
     assert doc["index"] == "shapley"
     values = surrogate_values(full_surrogate)
@@ -166,12 +197,12 @@ def test_full_coverage_defaults_to_shapley_with_interactions(full_surrogate, tmp
 
 def test_monte_carlo_through_the_cli_is_seeded_and_close(full_surrogate, tmp_path, capsys):
     exact = tmp_path / "exact.json"
-    assert run_cli([full_surrogate, "--out", str(exact), "--no-progress"], capsys)[0] == 0
+    assert run_cli([full_surrogate, "--out", str(exact), "--index", "shapley", "--no-progress"], capsys)[0] == 0
     docs = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         path = tmp_path / f"{name}.json"
-        code, _, _ = run_cli([full_surrogate, "--out", str(path), "--method", "mc", "--mc-evals", "3000",
-                              "--seed", str(seed), "--no-progress"], capsys)
+        code, _, _ = run_cli([full_surrogate, "--out", str(path), "--index", "shapley", "--method", "mc",
+                              "--mc-evals", "3000", "--seed", str(seed), "--no-progress"], capsys)
         assert code == 0
         docs.append(read_doc(path))
     a, b, c = docs
@@ -216,6 +247,19 @@ def test_choose_index_and_coverage_warning():
     assert report["uncovered"] == [0, 6, 7, 8]
     with pytest.raises(LayershapError):
         choose_index("auto", None, [2, 3], 8)
+    # counts the held-out metrics do not validate are left out of auto, and reported with the reason
+    assert choose_index("auto", None, list(range(9)), 8, {5: "Spearman 0.2 < 0.5"}) == Index("semivalue", 1, 4)
+    assert choose_index("semivalue", None, [0, 1, 2, 3], 8, {3: "2 held-out rows < 5"}) == Index("semivalue", 1, 2)
+    # no count from 1 on validated: leave-one-out on the surrogate, the least extrapolation (coverage warns)
+    assert choose_index("auto", None, [0, 1, 2], 8, {1: "4 held-out rows < 5"}) == Index("semivalue", 1, 1)
+    with pytest.warns(UserWarning, match=r"\(1: 4 held-out rows < 5\)"):
+        coverage_report(Index("semivalue", 1, 1), [0, 1, 2], 8, {1: "4 held-out rows < 5"})
+    with pytest.raises(LayershapError, match="0 removed: no held-out row"):
+        choose_index("auto", None, [0, 1, 2], 8, {0: "no held-out row", 1: "4 held-out rows < 5"})
+    with pytest.warns(UserWarning, match=r"do not validate it \(5: Spearman 0.2 < 0.5\)"):
+        report = coverage_report(Index("semivalue", 1, 6), list(range(9)), 8, {5: "Spearman 0.2 < 0.5"})
+    assert report["uncovered"] == [] and report["not_validated"] == [{"removed": 5, "why": "Spearman 0.2 < 0.5"}]
+    assert coverage_report(Index("semivalue", 1, 3), [0, 1, 2, 3], 8)["not_validated"] is None  # unknown
 
 
 def test_scores_json_round_trip_and_validation(tmp_path):

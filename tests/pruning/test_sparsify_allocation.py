@@ -24,15 +24,35 @@ def test_outlier_ratio_hand_case():
     assert outlier_ratio(torch.tensor([0.0, 0.0, 5.0, 5.0]), m=2.0) == 0.0
 
 
-def test_owl_allocation_hand_case_equals_the_papers_formula():
-    # evenly spaced ratios: OWL's formula 1 - (norm - mean(norm) + 1 - target), norm = (r - min)/(max - min)*2*lam
-    # gives target + lam - norm = [t+lam, t+lam/3, t-lam/3, t-lam]; no clipping is involved
+def test_owl_allocation_is_the_papers_formula_on_uneven_ratios():
+    # OWL (Yin et al. 2024): a = (r - min)/(max - min) * 2*lam; density = a - mean(a) + (1 - t); sparsity = 1 - density.
+    # r = [.001 x4, .01], t = 0.7, lam = 0.08: a = [0, 0, 0, 0, 0.16], mean(a) = 0.032,
+    # sparsity = 0.7 + 0.032 - a = [0.732 x4, 0.572] (a bounded map would clip the last one to 0.62 instead)
+    got = layer_budgets("owl", 5, 0.7, 0.08, np.array([0.001, 0.001, 0.001, 0.001, 0.01]))
+    np.testing.assert_allclose(got, [0.732, 0.732, 0.732, 0.732, 0.572], rtol=0, atol=1e-12)
+    assert got.mean() == pytest.approx(0.7, abs=1e-15) and got.max() - got.min() == pytest.approx(0.16, abs=1e-15)
+    # one layer with few outliers: a = [0.18, 0.18, 0.18, 0], mean 0.135, t = 0.5, lam = 0.09
+    got = layer_budgets("owl", 4, 0.5, 0.09, np.array([0.03, 0.03, 0.03, 0.002]))
+    np.testing.assert_allclose(got, [0.455, 0.455, 0.455, 0.635], rtol=0, atol=1e-12)
+    # evenly spaced ratios: [t+lam, t+lam/3, t-lam/3, t-lam]
     t, lam = 0.6, 0.09
     got = layer_budgets("owl", 4, t, lam, np.array([0.01, 0.02, 0.03, 0.04]))
     np.testing.assert_allclose(got, [t + lam, t + lam / 3, t - lam / 3, t - lam], rtol=0, atol=1e-12)
-    assert got.mean() == pytest.approx(t, abs=1e-15)
     np.testing.assert_allclose(layer_budgets("owl", 3, 0.5, 0.1, np.array([0.01, 0.03, 0.02])), [0.6, 0.4, 0.5],
                                atol=1e-12)
+    # scores keep layershap's bounded mapping: the same uneven values stay within lam of the target
+    np.testing.assert_allclose(layer_budgets("scores", 5, 0.7, 0.08, np.array([0.001] * 4 + [0.01])),
+                               [0.72, 0.72, 0.72, 0.72, 0.62], rtol=0, atol=1e-12)
+
+
+def test_owl_refuses_a_lambda_that_leaves_zero_one():
+    # t = 0.05, lam = 0.08, one outlier-rich layer: it would get 0.05 + 0.16*(1/5 - 1) = -0.078; the lowest layer
+    # sits 2*lam*(1 - mean u) below t, so lam must stay below 0.05 / (2 * 4/5) = 0.03125
+    with pytest.raises(LayershapError, match=r"-0.078.*use --lambda below 0.03125"):
+        layer_budgets("owl", 5, 0.05, 0.08, np.array([0.001, 0.001, 0.001, 0.001, 0.01]))
+    # the same target and lam fit when most layers are outlier-rich: 0.05 + 0.16*(4/5 - u) in [0.018, 0.178]
+    got = layer_budgets("owl", 5, 0.05, 0.08, np.array([0.01, 0.01, 0.01, 0.01, 0.001]))
+    np.testing.assert_allclose(got, [0.018] * 4 + [0.178], rtol=0, atol=1e-12)
 
 
 def test_score_budgets_mean_exactly_the_target_and_respect_order():
@@ -85,7 +105,8 @@ def test_whole_weight_counts_keep_the_total():
     (1.0, 0.0, "uniform", "[0, 1)"),
     (-0.1, 0.0, "uniform", "[0, 1)"),
     (0.7, 0.4, "scores", "too large"),
-    (0.05, 0.08, "owl", "too large"),
+    (0.05, 0.08, "scores", "too large"),
+    (0.4, 0.5, "owl", "2 x lambda"),
     (0.7, -0.01, "scores", ">= 0"),
     (0.5, 0.08, "random", "not one of"),
 ])

@@ -1,4 +1,5 @@
-"""Sparsity export: exact mean, bounds, order reversed from importance, degenerate cases, and the CLI."""
+"""Sparsity export (layershap's bounded mapping of scores): exact mean, bounds, order reversed from importance,
+degenerate cases, and the CLI."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 
 from layershap.cli.main import main
 from layershap.core.errors import LayershapError
-from layershap.pruning.sparsity import owl_sparsities
+from layershap.pruning.sparsity import bounded_sparsities
 from layershap.shapley.game import Scores
 from layershap.shapley.scores_io import write_scores
 
 
 def _check(scores: np.ndarray, target: float, lam: float) -> np.ndarray:
-    s = owl_sparsities(scores, target, lam)
+    s = bounded_sparsities(scores, target, lam)
     assert abs(s.mean() - target) < 1e-9
     assert (s >= max(0.0, target - lam) - 1e-12).all() and (s <= min(1.0, target + lam) + 1e-12).all()
     # more important (higher score) -> never higher sparsity
@@ -44,14 +45,14 @@ def test_clipping_holds_the_bound_and_moves_the_others():
 
 
 def test_degenerate_inputs():
-    np.testing.assert_array_equal(owl_sparsities(np.full(6, 0.3), 0.7, 0.08), np.full(6, 0.7))
-    np.testing.assert_array_equal(owl_sparsities(np.arange(4.0), 0.4, 0.0), np.full(4, 0.4))
+    np.testing.assert_array_equal(bounded_sparsities(np.full(6, 0.3), 0.7, 0.08), np.full(6, 0.7))
+    np.testing.assert_array_equal(bounded_sparsities(np.arange(4.0), 0.4, 0.0), np.full(4, 0.4))
     with pytest.raises(LayershapError, match="NaN"):
-        owl_sparsities(np.array([1.0, np.nan]), 0.5, 0.1)
+        bounded_sparsities(np.array([1.0, np.nan]), 0.5, 0.1)
     with pytest.raises(LayershapError, match="--sparsity"):
-        owl_sparsities(np.ones(3), 1.5, 0.1)
+        bounded_sparsities(np.ones(3), 1.5, 0.1)
     with pytest.raises(LayershapError, match="--lambda"):
-        owl_sparsities(np.ones(3), 0.5, -0.1)
+        bounded_sparsities(np.ones(3), 0.5, -0.1)
 
 
 def test_export_cli(tmp_path, capsys):

@@ -16,7 +16,7 @@ from serve_support import ARTIFACT_SURROGATE, N_TINY, Server, tiny_game, tiny_su
 
 from layershap.oracle.store import DatasetStore
 from layershap.pruning.search import best_removal_sets
-from layershap.pruning.sparsity import export_document, owl_sparsities
+from layershap.pruning.sparsity import bounded_sparsities, export_document
 from layershap.shapley.estimate import ensemble_scores
 from layershap.shapley.exact import exact_interactions
 from layershap.shapley.scores_io import ScoresRecord
@@ -72,8 +72,16 @@ def test_health_docs_and_listing(setup):
     assert [e["id"] for e in c.get("/v1/surrogates", params={"family": "llama"}).json()["surrogates"]] == [
         "broken", TINY]
     desc = c.get(f"/v1/surrogates/{TINY}").json()
-    assert desc["n_layers"] == N_TINY and desc["default_index"] == "shapley"  # data cover 0..8 removed
-    assert c.get(f"/v1/surrogates/{GEMMA}").json()["default_index"] == "semivalue[1:9]"
+    # the default covers only removed counts the held-out metrics validate: up to the first count they do not
+    # (the empty model, count n, is never held out, so Shapley is never the default)
+    from layershap.surrogate.metrics import not_validated
+
+    for entry, sur in ((TINY, setup["tiny"]), (GEMMA, setup["gemma"])):
+        excluded = not_validated(sur.metadata)
+        assert excluded and sur.n_layers in excluded or min(excluded) < sur.n_layers
+        expected = f"semivalue[1:{min(excluded) - 1}]"
+        assert c.get(f"/v1/surrogates/{entry}").json()["default_index"] == expected
+    assert desc["n_layers"] == N_TINY
     resp = c.post("/v1/surrogates/broken/predict", json={"masks": [[True] * N_TINY]})
     assert resp.status_code == 409 and "corrupt" in resp.json()["error"]
 
@@ -101,9 +109,12 @@ def test_scores_match_the_library_and_repeat_byte_for_byte(setup):
     np.testing.assert_allclose(doc["stderr"], expected.stderr, rtol=1e-9)
     assert doc["ranking"] == expected.ranking().tolist() and doc["index"] == "shapley"
     assert doc["efficiency"]["ok"] is True
-    # the same query, spelled as the default (auto = shapley here, exact for n <= 10) or again: the same bytes
-    assert c.post(f"/v1/surrogates/{TINY}/scores", json={}).content == first.content
+    # the same query again, and the default spelled out (auto = the validated semivalue[1:3] here, exact for
+    # n <= 10): the same bytes
     assert c.post(f"/v1/surrogates/{TINY}/scores", json=body).content == first.content
+    spelled = {"index": {"kind": "semivalue", "sizes": "1:3"}, "method": "exact"}
+    assert c.post(f"/v1/surrogates/{TINY}/scores", json={}).content == c.post(
+        f"/v1/surrogates/{TINY}/scores", json=spelled).content
     banzhaf = _post(setup, f"/v1/surrogates/{TINY}/scores", {"index": {"kind": "banzhaf"}})
     np.testing.assert_allclose(banzhaf["scores"], ensemble_scores(sur, Index("banzhaf"), "exact",
                                                                   progress=False).values, rtol=1e-9)
@@ -118,9 +129,12 @@ def test_scores_match_the_library_and_repeat_byte_for_byte(setup):
 def test_scores_on_the_committed_gemma_entry(setup):
     sur = setup["gemma"]
     doc = _post(setup, f"/v1/surrogates/{GEMMA}/scores", {"budget": 3000, "seed": 0})
-    # 18 layers > max_exact_layers 10: auto falls back to Monte Carlo, index = what the data cover
-    lib = ensemble_scores(sur, Index("semivalue", 1, 9), "mc-stratified", budget=3000, seed=0, progress=False)
-    assert doc["index"] == "semivalue[1:9]" and doc["method"] == "mc-stratified"
+    # 18 layers > max_exact_layers 10: auto falls back to Monte Carlo, index = the counts the metrics validate
+    from layershap.surrogate.metrics import not_validated
+
+    top = min(not_validated(sur.metadata)) - 1
+    lib = ensemble_scores(sur, Index("semivalue", 1, top), "mc-stratified", budget=3000, seed=0, progress=False)
+    assert doc["index"] == f"semivalue[1:{top}]" and doc["method"] == "mc-stratified"
     np.testing.assert_allclose(doc["scores"], lib.values, rtol=1e-9)
     # the most important layers are the cornerstones: those whose removal alone sends the measured perplexity past 1e6
     store = DatasetStore.open(ARTIFACT_SURROGATE.parent / "dataset.zarr")
@@ -168,7 +182,7 @@ def test_sparsities_are_the_export_document(setup):
     expected = export_document(ScoresRecord.from_dict(scores_doc), 0.6, 0.1, f"registry:{TINY}")
     assert doc == json.loads(json.dumps(expected))
     ratios = np.array(doc["sparsities"])
-    np.testing.assert_allclose(ratios, owl_sparsities(np.array(scores_doc["scores"]), 0.6, 0.1), rtol=1e-12)
+    np.testing.assert_allclose(ratios, bounded_sparsities(np.array(scores_doc["scores"]), 0.6, 0.1), rtol=1e-12)
     assert ratios.mean() == pytest.approx(0.6, abs=1e-12) and ratios.min() >= 0.5 - 1e-12
     order = np.argsort(scores_doc["scores"])
     assert (np.diff(ratios[order]) <= 1e-12).all()  # more important layer, lower sparsity
@@ -225,7 +239,7 @@ def test_client_returns_the_library_objects(setup):
                                    rtol=1e-9, atol=1e-12)
         export = client.sparsities(TINY, target=0.5, lam=0.05, index="banzhaf")
         banzhaf = ensemble_scores(sur, Index("banzhaf"), "exact", progress=False).values
-        np.testing.assert_allclose(export["sparsities"], owl_sparsities(banzhaf, 0.5, 0.05), rtol=1e-9)
+        np.testing.assert_allclose(export["sparsities"], bounded_sparsities(banzhaf, 0.5, 0.05), rtol=1e-9)
         nll, std = client.predict(GEMMA, np.ones((2, 18), bool))
         np.testing.assert_allclose(nll, setup["gemma"].predict_nll(np.ones((2, 18), bool)), rtol=1e-12)
         assert (std > 0).all()  # 8 members disagree a little

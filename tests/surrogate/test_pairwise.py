@@ -60,3 +60,24 @@ def test_bad_input_is_a_clear_error():
         PairwiseModel.fit(train, np.ones(len(train)), alpha=0)
     with pytest.raises(LayershapError, match="in its range"):
         PairwiseModel.fit(masks_from_removed([tuple(range(4))], N), np.ones(1), max_removed=2)
+
+
+def test_the_fit_is_the_per_term_ridge_in_closed_form_and_sets_score_by_index():
+    """Against the primal normal equations (many rows) and the dual (fewer rows than the 3,240 terms of 80
+    layers); predict_sets equals the dense-feature prediction."""
+    from layershap.core.masks import masks_from_removed
+    from layershap.surrogate.pairwise import ALPHA_LINEAR, DEFAULT_ALPHA
+
+    rng = np.random.default_rng(3)
+    for n, rows in ((8, 200), (80, 150)):
+        masks = rng.random((rows, n)) > 0.08
+        masks[0] = True
+        nll = 3.0 + (~masks).sum(1) * 0.05 + rng.random(rows) * 0.02
+        model = PairwiseModel.fit(masks, nll)
+        x = pair_features(masks)
+        y = np.log(nll) - np.log(nll[masks.all(axis=1)]).mean()  # anchored at the full model's rows
+        penalty = np.concatenate([np.full(n, ALPHA_LINEAR), np.full(x.shape[1] - n, DEFAULT_ALPHA)])
+        expected = np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ y)
+        np.testing.assert_allclose(model.weights, expected, rtol=1e-6, atol=1e-9)
+        sets = np.array([[0, 3, 5], [1, 2, n - 1]])
+        np.testing.assert_allclose(model.predict_sets(sets), model.predict_log_nll(masks_from_removed(sets, n)))

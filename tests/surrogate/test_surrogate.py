@@ -16,7 +16,14 @@ from layershap.core.errors import LayershapError, MaskError, StoreMismatchError
 from layershap.sampling.stratified import stratified_masks
 from layershap.surrogate.checkpoint import PREDICT_CHUNK_BYTES, Surrogate, load_surrogate, predict_chunk
 from layershap.surrogate.data import MaskDataModule, folds_for, stratified_folds
-from layershap.surrogate.metrics import fit_metrics, format_metrics_table, regression_metrics
+from layershap.surrogate.metrics import (
+    fit_metrics,
+    format_metrics_table,
+    not_validated,
+    regression_metrics,
+    spearman_p,
+    stratum_verdict,
+)
 from layershap.surrogate.model import MaskMLP
 from layershap.surrogate.network import MaskNet, encode_masks
 from layershap.surrogate.train import member_seeds, train_ensemble
@@ -51,14 +58,29 @@ def game_data() -> tuple[np.ndarray, np.ndarray]:
     return masks, smooth_game(masks)
 
 
+class RecordingDataModule(MaskDataModule):
+    """Records, for every network trained, the rows its train and validation loaders serve (the tensors built
+    at each ``setup``): what the network fitted on and what its early stopping looked at."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.seen.append((self._train.tensors[0].numpy() > 0, self._val.tensors[0].numpy() > 0))
+
+
 @pytest.fixture(scope="module")
 def ensemble_dir(tmp_path_factory, game_data) -> Path:
     out = tmp_path_factory.mktemp("ensemble")
-    dm = MaskDataModule(*game_data, seed=0)
+    dm = RecordingDataModule(*game_data, seed=0)
     surrogate = train_ensemble(dm, out, provenance={"model_id": "synthetic", "model_hash": "h0"}, members=3, seed=0,
                                **FAST)
     (out / "returned_metrics.json").write_text(json.dumps(surrogate.metadata["metrics"]))
     np.save(out / "returned_predictions.npy", surrogate.predict(dm.masks))
+    np.savez(out / "seen.npz", **{f"{kind}_{k}": rows for k, pair in enumerate(dm.seen)
+                                  for kind, rows in zip(("fit", "stop"), pair)})
     return out
 
 
@@ -159,6 +181,29 @@ def test_fit_metrics_per_stratum_and_table():
     json.dumps(m, allow_nan=False)  # JSON-safe
 
 
+def test_validation_rule_per_count():
+    """stratum_verdict against hand cases (the one-sided p against scipy), not_validated on metadata."""
+    assert stratum_verdict({"n": 4, "spearman": 1.0}) == "4 held-out rows < 5"
+    assert stratum_verdict({"n": 9, "spearman": 0.38}) == "Spearman 0.38 < 0.5 on 9 held-out rows"
+    assert "not above chance" in stratum_verdict({"n": 9, "spearman": 0.55})  # p 0.06 on 9 rows
+    assert stratum_verdict({"n": 9, "spearman": 0.62}) is None                 # p 0.04
+    assert stratum_verdict({"n": 30, "spearman": 0.5, "r2": -1.0}) is None     # R² does not decide
+    assert stratum_verdict({"n": 6, "spearman": None}).startswith("Spearman undefined")
+    x = np.arange(9.0)
+    y = x[[1, 0, 5, 3, 2, 8, 4, 7, 6]]
+    rho = stats.spearmanr(x, y)
+    assert spearman_p(rho.statistic, 9) == pytest.approx(stats.spearmanr(x, y, alternative="greater").pvalue)
+    by = [{"removed": 1, "n": 18, "spearman": 0.73}, {"removed": 2, "n": 9, "spearman": 0.2}]
+    meta = {"removed_counts": [0, 1, 2, 3], "metrics": {"by_removed": by}, "architecture": {"anchor": -1.3},
+            "split": {"protocol": "nested"}}
+    assert not_validated(meta) == {2: "Spearman 0.20 < 0.5 on 9 held-out rows", 3: "no held-out row"}
+    unanchored = {**meta, "architecture": {"anchor": None}}
+    assert set(not_validated(unanchored)) == {0, 2, 3}
+    old = {**meta, "split": {"rows": 10}}  # written before nested cross-validation: judged, and says so
+    assert not_validated(old)[2].endswith("(out-of-fold metrics on the early-stopping folds; retrain)")
+    assert not_validated({"removed_counts": [0, 1]}) is None
+
+
 # ------------------------------------------------------------------ split and data
 def test_stratified_folds_balance_and_determinism():
     removed = np.repeat([0, 1, 2, 3], [1, 10, 40, 3])
@@ -169,15 +214,17 @@ def test_stratified_folds_balance_and_determinism():
         per_fold = np.bincount(fold[removed == r], minlength=4)
         assert per_fold.max() - per_fold.min() <= 1  # each stratum dealt evenly over the folds
     assert (np.bincount(fold[removed == 2], minlength=4) == 10).all()
-    for j in range(4):  # whichever fold is held out, every stratum keeps training rows
-        assert set(removed[fold != j].tolist()) == {0, 1, 2, 3}
+    for j in range(4):  # whichever two consecutive folds are out (scored, early stopping), every stratum keeps rows
+        assert set(removed[(fold != j) & (fold != (j + 1) % 4)].tolist()) == {0, 1, 2, 3}
     assert np.array_equal(fold, stratified_folds(removed, 4, seed=3))
     assert not np.array_equal(fold, stratified_folds(removed, 4, seed=4))
-    assert folds_for(3, 0.2) == 5 and folds_for(10, 0.2) == 10 and folds_for(1, 0.5) == 2
+    small = stratified_folds(np.repeat([1, 2, 3], [2, 3, 9]), 5, seed=0)
+    assert (small[:2] == -1).all() and (small[2:] >= 0).all()  # two rows could both be out: always trained on
+    assert folds_for(3, 0.2) == 5 and folds_for(10, 0.2) == 10 and folds_for(1, 0.5) == 3
     with pytest.raises(LayershapError, match="between 0 and 1"):
         folds_for(3, 1.0)
-    with pytest.raises(LayershapError, match="at least 2 folds"):
-        stratified_folds(removed, 1, seed=0)
+    with pytest.raises(LayershapError, match="at least 3 folds"):
+        stratified_folds(removed, 2, seed=0)
 
 
 def test_datamodule_normalisation_folds_and_errors(game_data):
@@ -195,9 +242,11 @@ def test_datamodule_normalisation_folds_and_errors(game_data):
     seen = np.zeros(len(nll), int)
     for j in range(5):
         dm.hold_out(j)
-        assert np.intersect1d(dm.train_index, dm.val_index).size == 0
-        assert len(dm.train_index) + len(dm.val_index) == len(nll)
-        seen[dm.val_index] += 1
+        assert (dm.fold, dm.stop_fold) == (j, (j + 1) % 5)
+        parts = (dm.train_index, dm.val_index, dm.test_index)
+        assert sum(len(x) for x in parts) == len(nll) and len(np.unique(np.concatenate(parts))) == len(nll)
+        assert (dm.fold_of[dm.test_index] == j).all() and (dm.fold_of[dm.val_index] == (j + 1) % 5).all()
+        seen[dm.test_index] += 1
     assert set(seen.tolist()) == {0, 1} and seen.sum() == len(nll) - 1  # only the full-model row is never held out
     bad = nll.copy()
     bad[3] = np.nan
@@ -218,11 +267,12 @@ def test_ensemble_learns_smooth_game(ensemble_dir, game_data):
     with np.load(ensemble_dir / "validation.npz") as v:
         masks, measured, predicted, spread = v["masks"], v["measured"], v["predicted"], v["predicted_std"]
     assert np.array_equal(measured, smooth_game(masks))  # held-out targets are the game's values
-    # 3 members validate on folds 0, 1, 2 of 5: the held-out rows are exactly those folds' rows
+    # 3 members are scored on folds 0, 1, 2 of 5 and assessment networks on folds 3, 4: every row of a
+    # stratum with 3+ rows is held out once (all but the full model here)
     rows = canonical_masks()
     fold = stratified_folds((~rows).sum(1), 5, seed=0)
-    expected = {row.tobytes() for row in rows[np.isin(fold, [0, 1, 2])]}
-    assert {row.tobytes() for row in masks} == expected and len(masks) == len(expected)
+    expected = {row.tobytes() for row in rows[fold >= 0]}
+    assert {row.tobytes() for row in masks} == expected and len(masks) == len(expected) == len(rows) - 1
     assert stats.spearmanr(measured, predicted).statistic >= 0.95
     metrics = json.loads((ensemble_dir / "returned_metrics.json").read_text())
     assert metrics["overall"]["spearman"] == pytest.approx(stats.spearmanr(measured, predicted).statistic)
@@ -231,6 +281,31 @@ def test_ensemble_learns_smooth_game(ensemble_dir, game_data):
     assert (ensemble_dir / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = (ensemble_dir / "history.csv").read_text().splitlines()
     assert history[0] == "member,epoch,train_loss,val_loss" and {line[0] for line in history[1:]} == {"0", "1", "2"}
+
+
+def test_held_out_metrics_use_no_row_the_scoring_network_fitted_or_early_stopped_on(ensemble_dir):
+    """By construction: the rows each network's loaders served (recorded at every setup) never include a row
+    that network is scored on; every held-out row is scored exactly once; the metrics are those rows'."""
+    meta = json.loads((ensemble_dir / "metadata.json").read_text())
+    networks = meta["training"]["runs"] + meta["training"].get("assessment_runs", [])
+    with np.load(ensemble_dir / "seen.npz") as s:
+        seen = [({m.tobytes() for m in s[f"fit_{k}"]}, {m.tobytes() for m in s[f"stop_{k}"]})
+                for k in range(len(networks))]
+    with np.load(ensemble_dir / "validation.npz") as v:
+        masks, measured, predicted = v["masks"], v["measured"], v["predicted"]
+    rows = canonical_masks()
+    fold = stratified_folds((~rows).sum(1), 5, seed=0)
+    fold_of = {row.tobytes(): f for row, f in zip(rows, fold)}
+    keys = [m.tobytes() for m in masks]
+    assert len(keys) == len(set(keys))  # each held-out row scored once
+    for key in keys:
+        scorer = [k for k, run in enumerate(networks) if run["fold"] == fold_of[key]]
+        assert len(scorer) == 1
+        fit, stop = seen[scorer[0]]
+        assert key not in fit and key not in stop
+    for fit, stop in seen:  # and every network did fit and early-stop on something
+        assert fit and stop and not fit & stop
+    assert meta["metrics"] == json.loads(json.dumps(fit_metrics(masks, measured, predicted)))
 
 
 def test_metadata_contents(ensemble_dir, game_data):
@@ -247,8 +322,9 @@ def test_metadata_contents(ensemble_dir, game_data):
     assert meta["member_files"] == ["member_0.pt", "member_1.pt", "member_2.pt"]
     fold = stratified_folds((~canonical_masks()).sum(1), 5, seed=0)
     assert meta["split"]["folds"] == 5 and meta["split"]["rows"] == len(nll)
-    assert meta["split"]["held_out"] == int(np.isin(fold, [0, 1, 2]).sum())
-    assert [run["fold"] for run in meta["training"]["runs"]] == [0, 1, 2]
+    assert meta["split"]["held_out"] == int((fold >= 0).sum()) and meta["split"]["protocol"] == "nested"
+    assert [(run["fold"], run["stop_fold"]) for run in meta["training"]["runs"]] == [(0, 1), (1, 2), (2, 3)]
+    assert [(run["fold"], run["stop_fold"]) for run in meta["training"]["assessment_runs"]] == [(3, 4), (4, 0)]
 
 
 def test_checkpoint_round_trip_and_value_function(ensemble_dir):
@@ -264,12 +340,16 @@ def test_checkpoint_round_trip_and_value_function(ensemble_dir):
     assert np.allclose(member_nll.std(0, ddof=1), spread, atol=1e-6)
     assert np.allclose(member_nll.mean(0), sur.predict_nll(masks), atol=1e-6)
     assert np.allclose(sur(masks), -member_nll.mean(0), atol=1e-6)
-    # out-of-fold: each held-out row is predicted by the member that validated on its fold (member j: fold j)
+    # held out: each row of folds 0..2 is predicted by the member scored on its fold (member j: fold j)
     rows = canonical_masks()
     fold = stratified_folds((~rows).sum(1), 5, seed=0)
     fold_of = {row.tobytes(): f for row, f in zip(rows, fold)}
-    member = np.array([fold_of[row.tobytes()] for row in masks])
-    assert np.allclose(predicted, member_nll[member, np.arange(len(masks))], atol=1e-6)
+    row_fold = np.array([fold_of[row.tobytes()] for row in masks])
+    with np.load(ensemble_dir / "validation.npz") as v:
+        assert np.array_equal(v["fold"], row_fold)
+        assert np.array_equal(v["member"], np.where(row_fold < 3, row_fold, -1))
+    by_member = row_fold < 3
+    assert np.allclose(predicted[by_member], member_nll[row_fold[by_member], np.flatnonzero(by_member)], atol=1e-6)
     assert not np.allclose(predicted, member_nll.mean(0), atol=1e-6)  # not the ensemble mean (that saw the rows)
     # chunking does not change the answer
     small = Surrogate(sur.nets, sur.metadata, chunk_size=7)
