@@ -34,19 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import planted
-from pruning_quality import HELDOUT, heldout_text
+from common import HELDOUT, heldout_text, layershap_run
 
-from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, main_job_masks
+from layershap.core.defaults import CALIBRATION_SEQ_LEN
 from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
-from layershap.oracle.measure import CachedOracle, dataset_identity, measure_masks
-from layershap.oracle.session import open_session
+from layershap.oracle.measure import CachedOracle, dataset_identity
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows
-from layershap.pipeline.plans import default_ks, run_plans
+from layershap.pipeline.plans import default_ks
 from layershap.pruning.baselines import leave_one_out, lowest, sleb
-from layershap.sampling.specs import parse_mask_spec
 
 DATA = Path(__file__).parent / "data" / "plan_generalisation"
 PEERS = ("leave-one-out", "SLEB")
@@ -68,23 +66,6 @@ def cached_oracle(loaded, windows: np.ndarray, text_id: str, path: Path, label: 
     ident = dataset_identity(loaded, text_id, windows, windows.shape[1] - 1)
     store = DatasetStore.create_or_open(path, ident, windows)
     return CachedOracle(MaskedEvaluator(loaded.model, windows, batch_size=4), store, label=label, progress=False)
-
-
-def layershap_run(setup: dict, folder: Path, seed: int, utility: str) -> tuple[dict, int]:
-    """The main job's oracle and plan stages into ``folder``; returns the plans document and the tokens a fresh
-    run measures (every row of its stores)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    session = open_session(model=setup["spec"], text=setup["calib"], masks="loo", out=folder / "dataset.zarr",
-                           windows=CALIBRATION_WINDOWS, seq_len=CALIBRATION_SEQ_LEN, seed=seed, device="cpu",
-                           utility=utility)
-    n = session.store.n_layers
-    measure_masks(session.evaluator, session.store,
-                  parse_mask_spec("stratified", n, main_job_masks(n), seed), progress=False)
-    doc = run_plans(session, text=setup["calib"], out=folder, ks=default_ks(n), seed=seed, progress=False)
-    tokens = len(DatasetStore.open(folder / "dataset.zarr")) * session.evaluator.n_tokens
-    tokens += sum(len(DatasetStore.open(p)) for p in folder.glob("decision-*.zarr")) * doc["decision"][
-        "tokens_per_block"]
-    return doc, tokens
 
 
 def peer_sets(loaded, calib: CalibrationText, n: int, ks: list[int], tokens: int, seed: int,
@@ -122,7 +103,7 @@ def main() -> None:
         plans: dict = {}
         tokens: dict = {}
         for seed, utility in itertools.product(seeds, utilities):
-            doc, spent = layershap_run(setup, folder / f"seed{seed}-{utility}", seed, utility)
+            doc, spent = layershap_run(setup["spec"], setup["calib"], folder / f"seed{seed}-{utility}", seed, utility)
             plans[(seed, utility)] = {p["k"]: tuple(p["removed"]) for p in doc["plans"]}
             plans[(seed, utility, "margin")] = {p["k"]: p["margin_se"] for p in doc["plans"]}
             tokens[(seed, utility)] = spent

@@ -1,12 +1,13 @@
-"""What the plan search costs on a deep model: oracle passes and search time for 10/20/30 % depth reduction of a
-random-weight 32-layer Llama-shaped model (small width: the oracle is the real masked forward pass, the numbers
-that matter are the passes and the search's own time), against SLEB's greedy path on the same oracle.
+"""What the plan search costs on a deep model: screening passes and the search's own time for the default K
+range of a random-weight Llama-shaped model (32 or 80 layers; small width: the oracle is the real masked forward
+pass, the numbers that matter are the passes and the time outside it), against SLEB's greedy path on the same
+oracle. The screening search alone (no decision blocks): the default budget for the depth on a CPU.
 
-Prints, per K: the plan's calibration nll, its passes (new oracle evaluations, shared by all K), the time spent
-outside the oracle (proposal-model fits and ranking), and SLEB's set, nll and passes.
+Prints, per K: the plan's screening nll, the passes (new oracle evaluations, shared by all K), the time spent
+outside the oracle (proposal-model fits and ranking, scored by index), and SLEB's nll and passes.
 
 Example:
-    $ python benchmarks/plan_scaling.py --layers 32 --budget 200
+    $ python benchmarks/plan_scaling.py --layers 80
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.measure import CachedOracle
 from layershap.pipeline.plans import default_ks
 from layershap.pruning.baselines import sleb
+from layershap.pruning.budget import plan_budget
 from layershap.pruning.plan import find_plans
 
 
@@ -49,7 +51,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--budget", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -62,7 +63,8 @@ def main() -> None:
     ks = default_ks(n)
     oracle = TimedOracle(CachedOracle(MaskedEvaluator(model, windows, batch_size=4), progress=False))
     started = time.perf_counter()
-    res = find_plans(oracle, ks, budget=args.budget, seed=args.seed, progress=False)
+    budget = plan_budget(n, ks)
+    res = find_plans(oracle, ks, budget, seed=args.seed, progress=False)
     search_s = time.perf_counter() - started - oracle.seconds
     print(f"random-weight Llama, {n} layers (hidden {args.hidden}), K = {ks[0]}..{ks[-1]}; plan budget {args.budget}")
     print(f"plans: {res.passes} oracle passes for all K together, {len(res.rounds)} rounds, stopped: {res.stopped}; "
@@ -72,7 +74,7 @@ def main() -> None:
     print(f"{'K':>3}  {'plan nll':>9}  {'SLEB nll':>9}  {'SLEB passes':>11}")
     for k in ks:
         sleb_nll = float(sleb_oracle.loss(masks_from_removed([greedy.removal(k)], n))[0])
-        print(f"{k:>3}  {res.plans[k].nll:>9.4f}  {sleb_nll:>9.4f}  {greedy.passes[k - 1]:>11}")
+        print(f"{k:>3}  {res.plans[k].loss:>9.4f}  {sleb_nll:>9.4f}  {greedy.passes[k - 1]:>11}")
     print(f"SLEB to K = {ks[-1]}: {greedy.passes[-1]} passes; plans for every K: {res.passes} passes")
 
 

@@ -14,13 +14,14 @@ Rows per K:
 - peers: block influence, angular distance, leave-one-out, SLEB, drop-last (``layershap.pruning.baselines``).
 - ``layershap lowest scores``: the K lowest scores of the main job's surrogate (its default index), and of
   the index for K (``k[K]``).
-- ``layershap plan``: the main job's plan stage exactly (its stratified masks, then the oracle-in-the-loop
-  search, then the choice with validation windows); its passes are counted as a fresh run would spend them.
+- ``layershap plan``: the main job's plan stage exactly (its stratified masks, then the screening search, then
+  the races on decision blocks of the same text), run in ``<data>/main-job``; its passes are what a fresh run
+  measures.
 
 Printed per K and method: calibration perplexity and its ratio to the calibration optimum; per held-out text the
 perplexity, its ratio to the best peer and (K <= 3) to the held-out optimum, taken over the ``--pool`` best
 calibration sets and every method's set (an approximation from above of the true held-out optimum, so the ratio
-shown is a lower bound); oracle passes (calibration; validation passes in brackets).
+shown is a lower bound); oracle passes (calibration; decision-block passes in brackets).
 
 Example:
     $ python benchmarks/pruning_quality.py                       # ~30 min on 2 CPU cores, minutes when cached
@@ -29,9 +30,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import email
-import glob
-import hashlib
 import itertools
 import json
 import math
@@ -39,63 +37,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import HELDOUT, heldout_text, layershap_run
 from scipy.stats import spearmanr
 
-from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, MAIN_JOB_MASKS, PLAN_BUDGET
+from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.measure import CachedOracle, dataset_identity
 from layershap.oracle.store import DatasetStore
-from layershap.oracle.text import CalibrationText, eval_windows, load_text, make_windows
-from layershap.oracle.windows import validation_windows
+from layershap.oracle.text import eval_windows, load_text, make_windows
 from layershap.pruning.baselines import run_baselines
-from layershap.pruning.plan import find_plans, removal_set
-from layershap.sampling.specs import parse_mask_spec
 from layershap.shapley.estimate import ensemble_scores
 from layershap.shapley.semivalues import Index, default_index
 from layershap.surrogate.data import MaskDataModule
 from layershap.surrogate.metrics import not_validated
 from layershap.surrogate.train import train_ensemble
 
-HELDOUT = {
-    "gpl3": ("/usr/share/common-licenses/GPL-3", "legal: the GPL-3 licence"),
-    "vim": ("/usr/share/vim/vim*/doc/usr_0[1-9].txt", "editor manual: Vim user manual, chapters 1-9"),
-    "email": (str(Path(email.__file__).parent / "architecture.rst"),
-              "design essay: the architecture of CPython's email package (blind check, added last)"),
-}
 PEERS = ("block influence", "angular distance", "leave-one-out", "SLEB", "drop-last")
 PLAN, LOWEST, LOWEST_K, OPT = "layershap plan", "layershap lowest scores", "layershap lowest k-index", "optimum"
-
-
-def heldout_text(name: str) -> CalibrationText:
-    """A held-out text by name (files every Debian machine with CPython's base system and vim ships)."""
-    pattern, _ = HELDOUT[name]
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise SystemExit(f"held-out text {name!r}: no file matches {pattern}; install the package that ships it")
-    text = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
-    return CalibrationText(f"heldout:{name}@sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}", text)
-
-
-class CountingOracle:
-    """A fresh run's view of a shared cached oracle: answers every mask, remembers (and counts) what was asked."""
-
-    def __init__(self, base: CachedOracle) -> None:
-        self.base, self.n_layers = base, base.n_layers
-        self.asked: dict[tuple[int, ...], float] = {}
-
-    def loss(self, masks: np.ndarray) -> np.ndarray:
-        vals = self.base.loss(masks)
-        self.asked.update({removal_set(m): float(v) for m, v in zip(np.asarray(masks, bool), vals)})
-        return vals
-
-    def __call__(self, masks: np.ndarray) -> np.ndarray:
-        return -self.loss(masks)
-
-    def rows(self) -> tuple[np.ndarray, np.ndarray]:
-        sets = list(self.asked)
-        return masks_from_removed(sets, self.n_layers), np.array([self.asked[s] for s in sets])
 
 
 def oracle_on(loaded, windows: np.ndarray, text_id: str, seq_len: int, path: Path, label: str) -> CachedOracle:
@@ -123,24 +83,25 @@ def brute_force(cal: CachedOracle, n: int, quad_seeds: int) -> dict[int, dict]:
     return out
 
 
-def layershap_methods(cal: CachedOracle, val: CachedOracle, n: int, ks: list[int], args) -> dict:
-    """The main job's choices: plans (oracle in the loop) and the lowest-score sets of its surrogate."""
-    fresh = CountingOracle(cal)
-    fresh.loss(parse_mask_spec("stratified", n, args.n_masks, args.seed))
-    res = find_plans(fresh, ks, budget=args.plan_budget, validation=val.nll, seed=args.seed, progress=True)
-    masks, nll = fresh.rows()
+def layershap_methods(cal: CachedOracle, n: int, ks: list[int], args) -> dict:
+    """The main job's choices: its plans (``layershap run``'s oracle and plan stages, in ``<data>/main-job``) and
+    the lowest-score sets of a surrogate trained on the main job's rows."""
+    doc, tokens = layershap_run(args.model, args.text, args.data / "main-job", args.seed, ks=ks)
+    store = DatasetStore.open(args.data / "main-job" / "dataset.zarr")
+    masks, nll = store.masks, store.loss
+    passes = len(store)
     dm = MaskDataModule(masks, nll, folds=8, seed=args.seed)
     sur = train_ensemble(dm, args.data / "surrogate", members=8, seed=args.seed, progress=False)
     meta = sur.metadata
     base = ensemble_scores(sur, default_index(meta["removed_counts"], n, not_validated(meta)), progress=False)
-    methods = {PLAN: {k: (res.plans[k].removed, fresh_passes) for k in ks for fresh_passes in [len(fresh.asked)]}}
-    methods[LOWEST] = {k: (tuple(sorted(np.argsort(base.values, kind="stable")[:k].tolist())), len(fresh.asked))
+    plans = {p["k"]: tuple(p["removed"]) for p in doc["plans"]}
+    methods = {PLAN: {k: (plans[k], passes) for k in ks}}
+    methods[LOWEST] = {k: (tuple(sorted(np.argsort(base.values, kind="stable")[:k].tolist())), passes)
                        for k in ks}
     methods[LOWEST_K] = {}
     for k in ks:
         kscores = ensemble_scores(sur, Index("k", k), progress=False)
-        methods[LOWEST_K][k] = (tuple(sorted(np.argsort(kscores.values, kind="stable")[:k].tolist())),
-                                len(fresh.asked))
+        methods[LOWEST_K][k] = (tuple(sorted(np.argsort(kscores.values, kind="stable")[:k].tolist())), passes)
     oof = np.load(args.data / "surrogate" / "validation.npz")
     removed = (~oof["masks"]).sum(axis=1)
     regime = (removed >= 1) & (removed <= 5)
@@ -149,8 +110,9 @@ def layershap_methods(cal: CachedOracle, val: CachedOracle, n: int, ks: list[int
                 "rows_1_5": int(regime.sum()),
                 "full_error_nats": float(sur.predict_nll(full_mask)[0] - cal.loss(full_mask)[0]),
                 "by_removed": meta["metrics"]["by_removed"], "overall": meta["metrics"]["overall"]}
-    return {"methods": methods, "validation_passes": res.validation_passes, "plan": res.to_dict(),
-            "index": base.index, "surrogate": fidelity, "rows": len(fresh.asked)}
+    decision = sum(len(DatasetStore.open(f)) for f in (args.data / "main-job").glob("decision-*.zarr"))
+    return {"methods": methods, "decision_passes": decision, "tokens": tokens, "plan": doc,
+            "index": base.index, "surrogate": fidelity, "rows": passes}
 
 
 def main() -> None:
@@ -164,8 +126,6 @@ def main() -> None:
     p.add_argument("--heldout", default="gpl3,vim,email")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--n-masks", type=int, default=MAIN_JOB_MASKS)
-    p.add_argument("--plan-budget", type=int, default=PLAN_BUDGET)
     p.add_argument("--quad-seeds", type=int, default=15)
     p.add_argument("--pool", type=int, default=30)
     p.add_argument("--data", type=Path, default=None,
@@ -181,14 +141,12 @@ def main() -> None:
     tok = loaded.tokenizer
     windows = make_windows(tok, calib.text, args.windows, args.seq_len, args.seed)
     cal = oracle_on(loaded, windows, calib.text_id, args.seq_len, args.data / "calibration.zarr", "calibration")
-    val = oracle_on(loaded, validation_windows(tok, calib.text, args.windows, args.seq_len, args.seed),
-                    calib.text_id, args.seq_len, args.data / "validation.zarr", "validation")
     n = cal.n_layers
     print(f"{loaded.model_id}: {n} layers; calibration {calib.text_id} {args.windows} x {args.seq_len} tokens, "
           f"seed {args.seed}", flush=True)
 
     brute = brute_force(cal, n, args.quad_seeds)
-    ls = layershap_methods(cal, val, n, ks, args)
+    ls = layershap_methods(cal, n, ks, args)
     methods: dict[str, dict[int, tuple[tuple[int, ...], int]]] = dict(ls["methods"])
     for r in run_baselines(loaded.model, cal, windows, ks, seeds=(), batch_size=4, progress=True):
         if r.method in PEERS:
@@ -245,7 +203,7 @@ def main() -> None:
                 line += f" | {math.exp(v):>10.2f} {math.exp(v - best_peer[name]):>6.3f} {xo}"
                 row[f"{name}_ppl"] = math.exp(v)
                 row[f"{name}_x_best_peer"] = math.exp(v - best_peer[name])
-            extra = f" (+{ls['validation_passes']})" if method == PLAN else ""
+            extra = f" (+{ls['decision_passes']})" if method == PLAN else ""
             line += f" | {passes:>4}{extra}" if method != OPT else f" | {'brute':>8}"
             lines.append(line)
             report["rows"].append(row)

@@ -156,9 +156,9 @@ class MaskedEvaluator:
             if not self.linear_head:
                 raise LayershapError("the kl utility needs the model's linear output head and the tiled loss path; "
                                      "leave token_chunk/vocab_chunk at their defaults")
-            if not 1 <= top_k <= vocab:
-                raise LayershapError(f"top_k must be in 1..{vocab} (the vocabulary), got {top_k}")
-        self.top_k = int(top_k)
+            if top_k < 1:
+                raise LayershapError(f"top_k must be >= 1 (dense log-probabilities kept per token), got {top_k}")
+        self.top_k = min(int(top_k), int(vocab))  # a vocabulary smaller than top_k is kept whole: the exact KL
         self.n_windows = int(self.windows.shape[0])
         self.n_tokens = self.n_windows * (self.windows.shape[1] - 1)
         self._ids = self.windows.to(self.device)  # moved once; batches are views

@@ -16,6 +16,18 @@ from layershap.core.errors import LayershapError
 
 UTILITIES = ("nll", "kl")
 DEFAULT_TOP_K = 512  # dense next-token log-probabilities kept per token for the KL utility
+KL_FLOOR = 1e-3  # nats: added to a KL before its log, so the full model (KL 0) is finite and the scale is kept
+
+
+def log_offset(utility: str) -> float:
+    """What is added to a loss before its log (the surrogate's and the proposal model's scale): 0 for ``nll``
+    (always > 0), :data:`KL_FLOOR` for ``kl`` (0 for the full model).
+
+    Example:
+        >>> log_offset("nll"), log_offset("kl")
+        (0.0, 0.001)
+    """
+    return KL_FLOOR if utility == "kl" else 0.0
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def summarize(record: ScoresRecord, store: DatasetStore, plans: dict) -> dict:
             "decision_perplexity": p["decision_perplexity"], "margin_se": p["margin_se"],
             "lowest_score_layers": sorted(int(i) for i in ranking[:k]),
         })
-    return {"model_id": record.model_id, "n_layers": n, "index": scores.index,
+    return {"model_id": record.model_id, "n_layers": n, "index": scores.index, "utility": store.utility,
             "full_perplexity": math.exp(full_nll), "layers": layers, "plans": plans["plans"],
             "plan_document": {key: plans[key] for key in ("utility", "calibration", "decision", "passes",
                                                           "decision_passes", "stopped", "full_perplexity")},
@@ -186,7 +186,8 @@ def format_summary(summary: dict) -> str:
         >>> print(format_summary(summary))
     """
     title = (f"{summary['model_id']}: {summary['n_layers']} layers, full-model perplexity "
-             f"{summary['full_perplexity']:.2f}; scores = {summary['index']} of -nll (higher = more important)")
+             f"{summary['full_perplexity']:.2f}; scores = {summary['index']} of -{summary.get('utility', 'nll')} (higher = more "
+             "important)")
     lines = [title, f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>10}"]
     for row in summary["layers"]:
         loo = f"{row['loo_perplexity']:.4g}" if row["loo_perplexity"] is not None else "-"

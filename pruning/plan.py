@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_removal_count, masks_from_removed
-from layershap.surrogate.pairwise import PairwiseModel, log_offset
+from layershap.oracle.measurement import log_offset
+from layershap.surrogate.pairwise import PairwiseModel
 
 from .budget import INITIAL_PER_K, PlanBudget
 from .candidates import focused_sets, loo_damage, neighbours, ranked_sets

@@ -80,10 +80,11 @@ class Client:
 
     # ------------------------------------------------------------ queries
     def predict(self, entry_id: str, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ensemble mean nll and member spread, ``float64[k]`` each, as :meth:`Surrogate.predict`."""
+        """Ensemble mean loss (nll, or kl for a kl surrogate) and member spread, ``float64[k]`` each, as
+        :meth:`Surrogate.predict`."""
         arr = np.asarray(masks, dtype=bool)
         doc = self._call("POST", f"/surrogates/{entry_id}/predict", {"masks": arr.reshape(len(arr), -1).tolist()})
-        return np.asarray(doc["nll"], dtype=np.float64), np.asarray(doc["nll_std"], dtype=np.float64)
+        return np.asarray(doc["loss"], dtype=np.float64), np.asarray(doc["loss_std"], dtype=np.float64)
 
     def scores_document(self, entry_id: str, index: str = "auto", sizes: str | None = None, method: str = "auto",
                         budget: int | None = None, seed: int = 0) -> dict:

@@ -74,16 +74,20 @@ def dumps(doc: Any) -> bytes:
 
 
 def predict_document(sur: Surrogate, masks: np.ndarray) -> dict:
-    """Ensemble mean nll, member spread and perplexity = exp(nll) for ``bool[k, n]`` masks.
+    """Ensemble mean loss, member spread and (an nll surrogate) perplexity = exp(nll) for ``bool[k, n]`` masks;
+    ``utility`` names the loss (``nll`` or ``kl``: the KL to the dense model, which has no perplexity).
 
     Example:
         >>> predict_document(sur, np.ones((1, sur.n_layers), bool))["nll"]
     """
     mean, std = sur.predict(masks)
+    doc = {"model_id": sur.metadata.get("model_id"), "n_layers": sur.n_layers, "members": sur.members,
+           "utility": sur.utility}
+    if sur.utility != "nll":
+        return {**doc, "loss": mean, "loss_std": std}
     with np.errstate(over="ignore"):
         ppl = np.exp(mean)
-    return {"model_id": sur.metadata.get("model_id"), "n_layers": sur.n_layers, "members": sur.members,
-            "nll": mean, "nll_std": std, "perplexity": ppl}
+    return {**doc, "loss": mean, "loss_std": std, "nll": mean, "nll_std": std, "perplexity": ppl}
 
 
 def resolve_index(sur: Surrogate, kind: str, sizes: str | None = None) -> Index:
@@ -181,12 +185,18 @@ def removal_sets_document(sur: Surrogate, k: int, top: int, beam_width: int, lim
     n = sur.n_layers
     cands, calls, strategy = best_removal_sets(sur, n, k, top=top, beam_width=beam_width,
                                                max_exhaustive=limits.max_exhaustive, progress=False)
-    full_nll = float(sur.predict_nll(np.ones((1, n), bool))[0])
-    plans = [{"removed": list(c.removed), "predicted_value": c.predicted, "predicted_nll": -c.predicted,
-              "predicted_perplexity": _exp(-c.predicted)} for c in cands]
+    full = float(sur.predict_nll(np.ones((1, n), bool))[0])
+    u = sur.utility
+    plans = [{"removed": list(c.removed), "predicted_value": c.predicted, f"predicted_{u}": -c.predicted}
+             for c in cands]
+    full_model = {f"predicted_{u}": full}
+    if u == "nll":
+        for p, c in zip(plans, cands):
+            p["predicted_perplexity"] = _exp(-c.predicted)
+        full_model["predicted_perplexity"] = _exp(full)
     return {"model_id": sur.metadata.get("model_id"), "model_hash": sur.metadata.get("model_hash"), "n_layers": n,
-            "k": k, "strategy": strategy, "value_calls": calls, "utility": "-nll (nats)",
-            "full_model": {"predicted_nll": full_nll, "predicted_perplexity": _exp(full_nll)}, "candidates": plans}
+            "k": k, "strategy": strategy, "value_calls": calls, "utility": f"-{u} (nats)",
+            "full_model": full_model, "candidates": plans}
 
 
 def sparsities_document(scores_doc: dict, target: float, lam: float, source: str) -> dict:

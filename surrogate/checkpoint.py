@@ -22,12 +22,14 @@ import torch
 
 from layershap.core.errors import LayershapError, MaskError
 from layershap.core.masks import check_masks
+from layershap.oracle.measurement import log_offset
 
 from .network import MaskNet, encode_masks
 
 FORMAT = "layershap-surrogate"
 FORMAT_VERSION = 2  # 2: target log(nll) standardized (target_mean, target_std); 1 was plain nll
-TARGET = "log_nll"
+TARGET = "log_nll"  # the nll surrogate's target; a kl surrogate's is TARGETS["kl"]
+TARGETS = {"nll": TARGET, "kl": "log_kl"}  # utility -> what members learn: log(loss + log_offset(utility))
 METADATA_FILE = "metadata.json"
 # Activation bytes per forward pass: chunks whose hidden activations stay in the CPU caches run the network
 # 2-3x faster than 64k-mask chunks that stream through memory (n=20 exact Shapley: 1.5 s -> 0.55 s).
@@ -45,11 +47,13 @@ def predict_chunk(hidden: int) -> int:
 
 
 class Surrogate:
-    """An ensemble of :class:`MaskNet` members that predicts a model's nll for any layer mask.
+    """An ensemble of :class:`MaskNet` members that predicts a model's loss (nll, or the KL to the dense model:
+    the ``utility`` of the rows it learned from) for any layer mask.
 
-    ``metadata`` holds model_id, model_hash, n_layers, dataset_hash, target (``"log_nll"``), target_mean,
-    target_std (each member outputs ``(log(nll) - target_mean) / target_std``), removed_counts (sorted
-    removed-layer counts of the training rows), architecture, training and metrics.
+    ``metadata`` holds model_id, model_hash, n_layers, dataset_hash, target (``"log_nll"`` or ``"log_kl"``),
+    target_mean, target_std (each member outputs ``(log(loss + offset) - target_mean) / target_std``, offset
+    :func:`~layershap.oracle.measurement.log_offset`), removed_counts (sorted removed-layer counts of the
+    training rows), architecture, training and metrics.
     """
 
     def __init__(self, nets: list[MaskNet], metadata: dict, chunk_size: int | None = None) -> None:
@@ -60,8 +64,11 @@ class Surrogate:
         self.n_layers = int(metadata["n_layers"])
         if any(net.n_layers != self.n_layers for net in nets):
             raise ValueError("member networks disagree with metadata n_layers")
-        if metadata.get("target") != TARGET:
-            raise ValueError(f"surrogate metadata must say target {TARGET!r}, got {metadata.get('target')!r}")
+        utility = {v: k for k, v in TARGETS.items()}.get(metadata.get("target"))
+        if utility is None:
+            raise ValueError(f"surrogate metadata must say a target of {sorted(TARGETS.values())}, got "
+                             f"{metadata.get('target')!r}")
+        self.utility, self.offset = utility, log_offset(utility)
         self.target_mean = float(metadata["target_mean"])
         self.target_std = float(metadata["target_std"])
         self.chunk_size = chunk_size or predict_chunk(max(net.hidden for net in nets))
@@ -96,10 +103,11 @@ class Surrogate:
         return check_masks(arr, self.n_layers)
 
     def predict(self, masks: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Ensemble mean nll and member spread (sample std; 0 for one member), both ``float64[k]`` in nats.
+        """Ensemble mean loss (nll, or kl for a kl surrogate) and member spread (sample std; 0 for one member),
+        both ``float64[k]`` in nats.
 
-        Each member predicts ``exp(output * target_std + target_mean)``; mean and spread are taken over the
-        members' nll. Works in chunks of ``chunk_size`` masks under ``torch.inference_mode``.
+        Each member predicts ``exp(output * target_std + target_mean) - offset``; mean and spread are taken over
+        the members' predictions. Works in chunks of ``chunk_size`` masks under ``torch.inference_mode``.
 
         Example:
             >>> mean, std = sur.predict(np.ones((1, sur.n_layers), bool))
@@ -112,14 +120,14 @@ class Surrogate:
             for start in range(0, k, self.chunk_size):
                 x = encode_masks(arr[start : start + self.chunk_size])
                 outs = torch.stack([net(x) for net in self.nets]).double()  # [members, chunk], standardized
-                nll = torch.exp(outs * self.target_std + self.target_mean)
+                nll = torch.exp(outs * self.target_std + self.target_mean) - self.offset
                 mean[start : start + len(x)] = nll.mean(dim=0).numpy()
                 if len(self.nets) > 1:
                     std[start : start + len(x)] = nll.std(dim=0).numpy()
         return mean, std
 
     def predict_nll(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Predicted mean token nll (nats), ensemble mean: ``float64[k]``."""
+        """Predicted loss (nats; the mean token nll for an nll surrogate), ensemble mean: ``float64[k]``."""
         return self.predict(masks)[0]
 
     def predict_std(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -18,6 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_masks
+from layershap.oracle.measurement import UTILITIES, log_offset
 from layershap.oracle.store import DatasetStore
 
 from .network import encode_masks
@@ -85,8 +86,8 @@ class MaskDataModule(L.LightningDataModule):
     ``folds`` folds (see :func:`stratified_folds`); :meth:`hold_out` picks the fold a network is scored on
     (``test_index``) and the next one, on which it early-stops (``val_index``); it fits on the others
     (``train_index``). The members of an ensemble are scored on different folds and together learn from
-    every row. The target is
-    ``log(nll)`` standardized with the mean and std over all rows: log-perplexities span 3 to 50 nats once
+    every row. ``nll`` holds the rows' losses in the store's ``utility`` (``nll`` or ``kl``). The target is
+    ``log(loss + offset)`` (offset 0 for nll, :data:`~layershap.oracle.measurement.KL_FLOOR` for kl) standardized with the mean and std over all rows: log-perplexities span 3 to 50 nats once
     cornerstone layers go, and on the log scale the pruning-relevant masks (nll near the full model's) are no
     longer drowned by them (Gemma-3-270M, 256 masks: 0.45 instead of 1.1 nats held-out RMSE on those masks).
     The training order of each member follows the torch seed that ``lightning.seed_everything`` set.
@@ -101,6 +102,7 @@ class MaskDataModule(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 64,
         store: DatasetStore | None = None,
+        utility: str = "nll",
     ) -> None:
         super().__init__()
         masks = np.asarray(masks)
@@ -112,13 +114,19 @@ class MaskDataModule(L.LightningDataModule):
             raise LayershapError(f"{len(masks)} masks but {len(nll)} nll values")
         order = canonical_order(masks)  # the same rows in any order give the same folds and training
         self.masks, self.nll = masks[order], nll[order]
+        if utility not in UTILITIES:
+            raise LayershapError(f"unknown utility {utility!r}; give one of {', '.join(UTILITIES)}")
+        self.utility, self.offset = utility, log_offset(utility)
         if not np.isfinite(self.nll).all():
-            raise LayershapError("the nll values contain NaN or infinity; only finite measurements can be learned")
-        if not (self.nll > 0).all():
+            raise LayershapError(f"the {utility} values contain NaN or infinity; only finite measurements can be "
+                                 "learned")
+        if utility == "nll" and not (self.nll > 0).all():
             raise LayershapError(
                 f"the nll values must be positive (mean token negative log-likelihood); got minimum "
                 f"{self.nll.min():.6g}. Store log-perplexities, not log-likelihoods or accuracies"
             )
+        if utility == "kl" and not (self.nll >= 0).all():
+            raise LayershapError(f"the kl values must be >= 0 (a divergence); got minimum {self.nll.min():.6g}")
         if len(self.nll) < 4:
             raise LayershapError(
                 f"only {len(self.nll)} measured masks: a surrogate needs a few dozen at least; measure more with "
@@ -138,7 +146,7 @@ class MaskDataModule(L.LightningDataModule):
             )
         if self.nll.min() == self.nll.max():
             raise LayershapError("every mask has the same nll; there is nothing to learn")
-        log_nll = np.log(self.nll)
+        log_nll = np.log(self.nll + self.offset)
         self.target_mean = float(log_nll.mean())
         self.target_std = float(log_nll.std())
         self.hold_out(0)
@@ -159,14 +167,15 @@ class MaskDataModule(L.LightningDataModule):
 
     @classmethod
     def from_store(cls, store: str | Path | DatasetStore, **kwargs) -> MaskDataModule:
-        """Data module over the finished rows of a dataset store (a path or an open ``DatasetStore``).
+        """Data module over the finished rows of a dataset store (a path or an open ``DatasetStore``), on the
+        store's utility (its ``loss``: nll or kl).
 
         Example:
             >>> dm = MaskDataModule.from_store("runs/default/dataset.zarr", seed=0)   # doctest: +SKIP
         """
         if not isinstance(store, DatasetStore):
             store = DatasetStore.open(store)
-        return cls(store.masks, store.nll, store=store, **kwargs)
+        return cls(store.masks, store.loss, store=store, utility=store.utility, **kwargs)
 
     # ---------------------------------------------------------------- views
     @property
@@ -186,8 +195,8 @@ class MaskDataModule(L.LightningDataModule):
         return None if len(full) == 0 else float(self.standardize(self.nll[full[:1]])[0])
 
     def standardize(self, nll: np.ndarray) -> np.ndarray:
-        """nll (nats) -> the training target ``(log(nll) - target_mean) / target_std``."""
-        return (np.log(np.asarray(nll, dtype=np.float64)) - self.target_mean) / self.target_std
+        """loss (nats) -> the training target ``(log(loss + offset) - target_mean) / target_std``."""
+        return (np.log(np.asarray(nll, dtype=np.float64) + self.offset) - self.target_mean) / self.target_std
 
     def _dataset(self, index: np.ndarray) -> TensorDataset:
         x = encode_masks(self.masks[index])

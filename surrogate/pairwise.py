@@ -14,7 +14,7 @@ the dense pair features of millions of candidate sets. The MLP ensemble (:mod:`l
 remains the surrogate of the whole game, for scores and the service.
 
 The regression target is ``log(loss + offset)``: ``offset`` 0 for the NLL, a small floor for a divergence whose
-full-model value is 0 (:func:`log_offset`).
+full-model value is 0 (:func:`~layershap.oracle.measurement.log_offset`).
 
 Example:
     >>> model = PairwiseModel.fit(masks, nll, max_removed=6)
@@ -33,19 +33,6 @@ from layershap.core.masks import check_masks
 
 DEFAULT_ALPHA = 1.0  # ridge penalty of the pair terms (log-nll units); the per-layer terms get ALPHA_LINEAR
 ALPHA_LINEAR = 1e-3
-KL_FLOOR = 1e-3  # nats: added to a KL before its log, so the full model (KL 0) is finite and the scale is kept
-
-
-def log_offset(utility: str) -> float:
-    """What is added to a loss before its log: 0 for ``nll`` (always > 0), :data:`KL_FLOOR` for ``kl``.
-
-    Example:
-        >>> log_offset("nll"), log_offset("kl")
-        (0.0, 0.001)
-    """
-    return KL_FLOOR if utility == "kl" else 0.0
-
-
 def pair_features(masks: np.ndarray) -> np.ndarray:
     """``[removed_i for i] + [removed_i * removed_j for i < j]`` as float64 ``[k, n + n(n-1)/2]``.
 

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ def plot_fit(
     path: str | Path,
     predicted_std: np.ndarray | None = None,
     title: str = "surrogate on held-out masks",
+    utility: str = "nll",
 ) -> Path:
-    """Scatter predicted vs measured nll (nats), coloured by removed-layer count, with the y = x line,
+    """Scatter predicted vs measured loss (nats; ``utility`` names it: nll or kl), coloured by removed-layer count, with the y = x line,
     ensemble-spread error bars and R² / Spearman / Kendall τ in the corner. Returns the PNG path.
 
     Example:
@@ -55,8 +57,8 @@ def plot_fit(
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.3", lw=1, ls="--", zorder=0)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("measured nll (nats)")
-    ax.set_ylabel("predicted nll (nats)")
+    ax.set_xlabel(f"measured {utility} (nats)")
+    ax.set_ylabel(f"predicted {utility} (nats)")
     ax.set_title(title)
     m = regression_metrics(y, p)
 
@@ -82,6 +84,9 @@ def plot_validation(surrogate_dir: str | Path, path: str | Path) -> Path:
     file = Path(surrogate_dir) / VALIDATION_FILE
     if not file.is_file():
         raise LayershapError(f"{file} is missing; it is written by `layershap train`")
+    meta = Path(surrogate_dir) / "metadata.json"
+    utility = json.loads(meta.read_text()).get("utility", "nll") if meta.is_file() else "nll"
     with np.load(file) as v:
         removed = (~v["masks"]).sum(axis=1)
-        return plot_fit(v["measured"], v["predicted"], removed, path, predicted_std=v["predicted_std"])
+        return plot_fit(v["measured"], v["predicted"], removed, path, predicted_std=v["predicted_std"],
+                        utility=utility)

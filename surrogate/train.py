@@ -33,7 +33,7 @@ from layershap.core.errors import LayershapError
 from layershap.oracle.store import DatasetStore
 
 from .callbacks import BestWeights, EpochBar
-from .checkpoint import TARGET, Surrogate
+from .checkpoint import TARGETS, Surrogate, check_save_target
 from .data import MaskDataModule, folds_for
 from .metrics import SPLIT_PROTOCOL, fit_metrics
 from .model import MaskMLP
@@ -140,8 +140,7 @@ def train_ensemble(
                 f"a network has nothing to validate on; measure more masks (e.g. `layershap oracle --masks "
                 f"stratified --n-masks 64`) or train fewer --members"
             )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_save_target(out_dir)
     started = time.perf_counter()
     all_seeds = member_seeds(seed, max(members, dm.folds))  # a prefix: members get member_seeds(seed, members)
     seeds = all_seeds[:members]
@@ -149,6 +148,7 @@ def train_ensemble(
     networks = [(i, i % dm.folds) for i in range(members)] + [
         (f, f) for f in range(dm.folds) if f not in scored]  # (seed index, scored fold)
     nets, runs, assessment, history = [], [], [], []
+    target = TARGETS[dm.utility]
     predicted = np.full(len(dm.nll), np.nan)
     scored_by = np.full(len(dm.nll), -2, dtype=np.int64)  # member index, -1 = an assessment network
     for k, (s, fold) in enumerate(networks):
@@ -163,7 +163,7 @@ def train_ensemble(
         rows = dm.test_index
         if (scored_by[rows] != -2).any():
             raise RuntimeError("a held-out row was scored twice")  # folds are distinct by construction
-        one = Surrogate([net], {"n_layers": dm.n_layers, "target": TARGET, "target_mean": dm.target_mean,
+        one = Surrogate([net], {"n_layers": dm.n_layers, "target": target, "target_mean": dm.target_mean,
                                 "target_std": dm.target_std, "removed_counts": dm.removed_counts})
         predicted[rows] = one.predict_nll(dm.masks[rows])
         scored_by[rows] = k if member else -1
@@ -178,7 +178,7 @@ def train_ensemble(
     metadata = {
         "model_id": provenance.pop("model_id", None), "model_hash": provenance.pop("model_hash", None),
         "n_layers": dm.n_layers, "dataset_hash": provenance.pop("dataset_hash", None),
-        "target": TARGET, "target_mean": dm.target_mean, "target_std": dm.target_std,
+        "target": target, "utility": dm.utility, "target_mean": dm.target_mean, "target_std": dm.target_std,
         "removed_counts": dm.removed_counts,
         **provenance,
         "split": {"rows": len(dm.nll), "folds": dm.folds, "seed": dm.seed, "stratified_by": "removed-layer count",
@@ -188,7 +188,8 @@ def train_ensemble(
                           "assessment-only network"},
         "training": {"seed": seed, "members": members, "member_seeds": seeds, "max_epochs": max_epochs,
                      "patience": patience, "lr": lr, "weight_decay": weight_decay, "batch_size": dm.batch_size,
-                     "loss": "mse on standardized log(nll), weight 1/(1 + removed layers)",
+                     "loss": f"mse on standardized log({dm.utility}{' + offset' * (dm.offset > 0)}), weight "
+                             "1/(1 + removed layers)",
                      "optimizer": "adam", "runs": runs, "assessment_runs": assessment},
     }
     surrogate = Surrogate(nets, metadata)
@@ -196,13 +197,17 @@ def train_ensemble(
     spread = surrogate.predict_std(val_masks)
     metadata["metrics"] = fit_metrics(val_masks, val_nll, val_pred)
     metadata["training"]["seconds"] = round(time.perf_counter() - started, 3)
-    surrogate.save(out)
-    np.savez(out / VALIDATION_FILE, masks=val_masks, measured=val_nll, predicted=val_pred, predicted_std=spread,
-             fold=dm.fold_of[held], member=scored_by[held])
-    plot_fit(val_nll, val_pred, (~val_masks).sum(axis=1), out / "fit.png", predicted_std=spread,
-             title=f"surrogate, held out on {len(val_nll)} masks (nested CV; {members} member{'s' * (members > 1)})")
     lines = ["member,epoch,train_loss,val_loss"] + [f"{m},{e},{t!r},{v!r}" for m, e, t, v in history]
-    (out / "history.csv").write_text("\n".join(lines) + "\n")
+
+    def beside(folder: Path) -> None:  # written into the same atomic save as the members
+        np.savez(folder / VALIDATION_FILE, masks=val_masks, measured=val_nll, predicted=val_pred,
+                 predicted_std=spread, fold=dm.fold_of[held], member=scored_by[held])
+        plot_fit(val_nll, val_pred, (~val_masks).sum(axis=1), folder / "fit.png", predicted_std=spread,
+                 title=f"surrogate, held out on {len(val_nll)} masks (nested CV; {members} "
+                       f"member{'s' * (members > 1)})", utility=dm.utility)
+        (folder / "history.csv").write_text("\n".join(lines) + "\n")
+
+    surrogate.save(out, extra=beside)
     return surrogate
 
 

@@ -85,7 +85,13 @@ def test_kl_options_are_checked(setup):
     model, windows = setup
     with pytest.raises(LayershapError, match="unknown utility"):
         MaskedEvaluator(model, windows, utility="ppl")
-    with pytest.raises(LayershapError, match="top_k must be in 1..320"):
-        MaskedEvaluator(model, windows, utility="kl", top_k=321)
+    with pytest.raises(LayershapError, match="top_k must be >= 1"):
+        MaskedEvaluator(model, windows, utility="kl", top_k=0)
+    # more than the vocabulary keeps it whole: the exact divergence, as with top_k = vocabulary
+    wide = MaskedEvaluator(model, windows, utility="kl", top_k=10_000)
+    assert wide.top_k == 320
+    masks = np.array([[True, False, True, True]])
+    np.testing.assert_allclose(wide.loss(masks), MaskedEvaluator(model, windows, utility="kl", top_k=320).loss(masks),
+                               rtol=1e-12)
     with pytest.raises(LayershapError, match="linear output head"):
         MaskedEvaluator(model, windows, utility="kl", token_chunk=4)

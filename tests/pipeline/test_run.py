@@ -113,3 +113,49 @@ def test_run_with_active_sampling_budget(tmp_path, monkeypatch):
     new_sets = {int((~m).sum()) for m in grown.masks[before:]}
     assert again["passes"] > 0 and new_sets and new_sets <= {3, 4}
     assert again["spent"]["2"] == plans["spent"]["2"]
+
+
+def test_run_with_the_kl_utility_end_to_end(tmp_path, capsys, monkeypatch):
+    """``run --utility kl``: the store's loss is the KL to the dense model (0 for the full model, the exact
+    divergence of a deleted-layer copy on the calibration windows for the plans), the surrogate learns it and says
+    so, the scores are of -kl, and the plans still report real perplexities."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from layershap.surrogate.checkpoint import load_surrogate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", 6, seed=2)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-masks", "30", "--windows", "2",
+            "--seq-len", "24", "--members", "2", "--hidden", "32", "--no-progress", "--utility", "kl"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    store = DatasetStore.open(out / "dataset.zarr")
+    assert store.utility == "kl" and "of -kl" in printed
+    assert load_surrogate(out / "surrogate").utility == "kl"
+    summary = json.loads((out / "summary.json").read_text())
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.as_tensor(store.windows)
+    with torch.no_grad():
+        ref = torch.log_softmax(dense(input_ids=ids, use_cache=False).logits[:, :-1].double(), -1)
+
+    def kl_deleted(removed: list[int]) -> float:
+        m = copy.deepcopy(dense)
+        m.model.layers = torch.nn.ModuleList([x for i, x in enumerate(m.model.layers) if i not in removed])
+        m.config.num_hidden_layers = len(m.model.layers)
+        with torch.no_grad():
+            logp = torch.log_softmax(m(input_ids=ids, use_cache=False).logits[:, :-1].double(), -1)
+        return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+    full = store.masks.all(axis=1)
+    assert store.loss[full][0] == pytest.approx(0.0, abs=1e-9)
+    plans = json.loads((out / "plans.json").read_text())
+    assert plans["utility"] == "kl"
+    for p in summary["plans"]:
+        # the tiny vocabulary (< top-k) makes the stored KL the exact divergence
+        assert p["loss"] == pytest.approx(kl_deleted(p["removed"]), rel=1e-4, abs=1e-7)
+        assert p["perplexity"] == pytest.approx(math.exp(loss_with_layers_deleted(model_dir, store.windows,
+                                                                                  p["removed"])), rel=1e-5)

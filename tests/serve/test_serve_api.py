@@ -80,7 +80,8 @@ def test_health_docs_and_listing(setup):
         excluded = not_validated(sur.metadata)
         assert excluded and sur.n_layers in excluded or min(excluded) < sur.n_layers
         expected = f"semivalue[1:{min(excluded) - 1}]"
-        assert c.get(f"/v1/surrogates/{entry}").json()["default_index"] == expected
+        got = c.get(f"/v1/surrogates/{entry}").json()
+        assert got.get("default_index") == expected, got
     assert desc["n_layers"] == N_TINY
     resp = c.post("/v1/surrogates/broken/predict", json={"masks": [[True] * N_TINY]})
     assert resp.status_code == 409 and "corrupt" in resp.json()["error"]
