@@ -114,7 +114,7 @@ def normalize_argv(command: str, fn: Callable, argv: list[str]) -> list[str]:
 
     Example:
         >>> normalize_argv("info", command_function("info"), ["s.zarr", "--top", "3"])
-        ['--top', '3', '--store', 's.zarr']
+        ['--top=3', '--store', 's.zarr']
     """
     kinds = _kinds(fn)
     nested = _nested(fn)

@@ -8,7 +8,7 @@ Example:
     4
     >>> positive("windows", 0)
     Traceback (most recent call last):
-    LayershapError: --windows must be at least 1, got 0
+    layershap.core.errors.LayershapError: --windows must be at least 1, got 0
 """
 
 from __future__ import annotations

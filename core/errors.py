@@ -2,6 +2,8 @@
 
 Example:
     >>> raise MaskError("mask length 3 does not match the model's 18 decoder layers")
+    Traceback (most recent call last):
+    layershap.core.errors.MaskError: mask length 3 does not match the model's 18 decoder layers
 """
 
 

@@ -1,7 +1,7 @@
 """Describe a dataset store for people: attributes, row count, best and worst masks, rows per stratum.
 
 Example:
-    >>> print(describe_store(DatasetStore.open("runs/default/dataset.zarr"), top=5))
+    >>> print(describe_store(DatasetStore.open("runs/default/dataset.zarr"), top=5))  # doctest: +SKIP
     >>> perplexity_text(2.5)
     '12.18'
 """

@@ -15,8 +15,8 @@ The driver never needs the model itself: :meth:`RayOracle.windows_for` cuts the 
 store identity on a worker, so a model larger than the driver's memory can still be measured.
 
 Example:
-    >>> measure_masks_distributed("./my-llama", store, masks, workers=8)          # local cluster or $RAY_ADDRESS
-    >>> with RayOracle("./my-llama", workers=8) as pool:                           # a new store, model never on the driver
+    >>> measure_masks_distributed("./my-llama", store, masks, workers=8)          # local cluster or $RAY_ADDRESS  # doctest: +SKIP
+    >>> with RayOracle("./my-llama", workers=8) as pool:                           # a new store, model never on the driver  # doctest: +SKIP
     ...     windows, identity = pool.windows_for(text.text, text.text_id, n_windows=10, seq_len=128, seed=0)
     ...     store = DatasetStore.create_or_open("llama.zarr", identity, windows)
     ...     measure_masks(pool, store, masks)
@@ -64,7 +64,7 @@ def connect(ray_address: str | None = None):
     Does nothing when this process is already connected.
 
     Example:
-        >>> connect("ray://head-node:10001")
+        >>> connect("ray://head-node:10001")  # doctest: +SKIP
     """
     ray = require_ray()
     if not ray.is_initialized():
@@ -93,12 +93,12 @@ class RayOracle:
     loads the model). Use the pool as a context manager (or call :meth:`close`) to stop the workers.
 
     Example:
-        >>> with RayOracle("./my-llama", workers=4, dtype=store.identity["dtype"]) as pool:
+        >>> with RayOracle("./my-llama", workers=4, dtype=store.identity["dtype"]) as pool:  # doctest: +SKIP
         ...     pool.use_windows(store.windows, store.identity)
         ...     measure_masks(pool, store, masks)
-        >>> pool = RayOracle("./llama-70b", workers=2, device_map="auto")    # 4 GPUs each on an 8-GPU node
-        >>> windows, identity = pool.windows_for(text.text, text.text_id, n_windows=10, seq_len=128, seed=0)
-        >>> store = DatasetStore.create_or_open("llama70b.zarr", identity, windows)
+        >>> pool = RayOracle("./llama-70b", workers=2, device_map="auto")    # 4 GPUs each on an 8-GPU node  # doctest: +SKIP
+        >>> windows, identity = pool.windows_for(text.text, text.text_id, n_windows=10, seq_len=128, seed=0)  # doctest: +SKIP
+        >>> store = DatasetStore.create_or_open("llama70b.zarr", identity, windows)  # doctest: +SKIP
     """
 
     def __init__(self, model_spec: str, *, workers: int, dtype: str | None = None, device: str = "auto",
@@ -166,7 +166,7 @@ class RayOracle:
         """Measure on ``windows`` from now on; workers check their model against ``identity`` (a store's).
 
         Example:
-            >>> pool.use_windows(store.windows, store.identity)
+            >>> pool.use_windows(store.windows, store.identity)  # doctest: +SKIP
         """
         if self._windows is not None:
             raise ValueError("the workers already have their windows; start a new RayOracle for other windows")
@@ -183,7 +183,7 @@ class RayOracle:
         ``(windows, identity)`` for ``DatasetStore.create_or_open``.
 
         Example:
-            >>> windows, identity = pool.windows_for(text.text, text.text_id, 4, 128, seed=0)
+            >>> windows, identity = pool.windows_for(text.text, text.text_id, 4, 128, seed=0)  # doctest: +SKIP
         """
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -289,7 +289,7 @@ class RayOracle:
         """The utility's mean loss of each mask, ``float64[k]``, measured on the workers (nothing is stored).
 
         Example:
-            >>> pool.loss(np.ones((1, pool.n_layers), bool))
+            >>> pool.loss(np.ones((1, pool.n_layers), bool))  # doctest: +SKIP
         """
         if self.n_layers is None:
             raise ValueError("give the workers their windows first: use_windows(...) or windows_for(...)")
@@ -318,7 +318,7 @@ def measure_masks_distributed(model_spec: str, store, masks: np.ndarray, *, work
     cluster).
 
     Example:
-        >>> measure_masks_distributed("./my-llama", store, masks, workers=8, ray_address="ray://head:10001")
+        >>> measure_masks_distributed("./my-llama", store, masks, workers=8, ray_address="ray://head:10001")  # doctest: +SKIP
     """
     if not store.missing(check_masks(masks, store.n_layers)).any():
         return 0  # everything is stored already: no workers to start

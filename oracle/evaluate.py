@@ -14,11 +14,11 @@ Fast path, same numbers as a plain Hugging Face forward with ``labels=`` per mas
   head pass (:mod:`.head_loss`).
 
 Example:
-    >>> ev = MaskedEvaluator(model, windows)          # windows: int64[W, L], BOS already prepended
-    >>> ev.nll(np.ones((1, ev.n_layers), bool))       # float64[1], nats per predicted token
-    >>> ev.measure(masks).nll.shape                   # (k, W): per-window means
-    >>> MaskedEvaluator(model, windows, utility="kl").loss(masks)   # mean KL to the dense model, nats/token
-    >>> ev(masks)                                     # value function: -loss, higher = better
+    >>> ev = MaskedEvaluator(model, windows)          # windows: int64[W, L], BOS already prepended  # doctest: +SKIP
+    >>> ev.nll(np.ones((1, ev.n_layers), bool))       # float64[1], nats per predicted token  # doctest: +SKIP
+    >>> ev.measure(masks).nll.shape                   # (k, W): per-window means  # doctest: +SKIP
+    >>> MaskedEvaluator(model, windows, utility="kl").loss(masks)   # mean KL to the dense model, nats/token  # doctest: +SKIP
+    >>> ev(masks)                                     # value function: -loss, higher = better  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def token_nll_generic(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     """Per-token -log p(target), ``float32[T]``, for any head module (called on token chunks; full logits each).
 
     Example:
-        >>> token_nll_generic(model.lm_head, hidden, targets, None, 128)   # float32[T]
+        >>> token_nll_generic(model.lm_head, hidden, targets, None, 128)   # float32[T]  # doctest: +SKIP
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):

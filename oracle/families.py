@@ -25,7 +25,7 @@ The families, and what makes "skip a layer" subtle in each:
   masked evaluation passes each kept layer its original position, pruning rebuilds the block cycle.
 
 Example:
-    >>> family_of(model).name, family_of(model).layer_path(model)
+    >>> family_of(model).name, family_of(model).layer_path(model)  # doctest: +SKIP
     ('transformer', 'model.layers')
 """
 

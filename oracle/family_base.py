@@ -3,7 +3,7 @@
 ``layer_types`` describes individual layers: the transformers and the state-space models).
 
 Example:
-    >>> Transformer({"llama": "model.layers"}).narrowed(config, [0, 2])["num_hidden_layers"]
+    >>> Transformer({"llama": "model.layers"}).narrowed(config, [0, 2])["num_hidden_layers"]  # doctest: +SKIP
     2
 """
 

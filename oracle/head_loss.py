@@ -13,9 +13,9 @@ The masked model's logits at the reference indices are computed by one gather-ma
 (:func:`logits_at`), for the reference and the masked model alike, so the full model's KL to itself is exactly 0.
 
 Example:
-    >>> out = tiled_head_pass(head.weight, None, hidden, targets, None, 512, 4096, top_k=512)
-    >>> ref = KLReference.from_dense(head.weight, None, hidden, out, None)
-    >>> token_kl(ref, logits_at(head.weight, None, masked_hidden, ref.idx, None), masked_lse)   # float32[T]
+    >>> out = tiled_head_pass(head.weight, None, hidden, targets, None, 512, 4096, top_k=512)  # doctest: +SKIP
+    >>> ref = KLReference.from_dense(head.weight, None, hidden, out, None)  # doctest: +SKIP
+    >>> token_kl(ref, logits_at(head.weight, None, masked_hidden, ref.idx, None), masked_lse)   # float32[T]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def tiled_head_pass(
     token's ``top_k`` largest logits are kept too (a running top-k over the chunks).
 
     Example:
-        >>> tiled_head_pass(model.lm_head.weight, None, hidden, targets, None, 512, 4096).nll   # float32[T]
+        >>> tiled_head_pass(model.lm_head.weight, None, hidden, targets, None, 512, 4096).nll   # float32[T]  # doctest: +SKIP
     """
     vocab = weight.shape[0]
     n_tokens = hidden.shape[0]
@@ -108,7 +108,7 @@ def tiled_token_nll(weight, bias, hidden, targets, softcap, token_chunk, vocab_c
     """Per-token -log p(target), ``float32[T]`` (:func:`tiled_head_pass` without the rest).
 
     Example:
-        >>> tiled_token_nll(model.lm_head.weight, None, hidden, targets, None, 512, 4096)   # float32[T]
+        >>> tiled_token_nll(model.lm_head.weight, None, hidden, targets, None, 512, 4096)   # float32[T]  # doctest: +SKIP
     """
     return tiled_head_pass(weight, bias, hidden, targets, softcap, token_chunk, vocab_chunk).nll
 
@@ -118,7 +118,7 @@ def logits_at(weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Ten
     """Each token's logits at its own vocabulary indices: ``float32[T, k]`` for ``idx`` int64[T, k].
 
     Example:
-        >>> logits_at(head.weight, None, hidden, ref.idx, None).shape    # (T, top_k)
+        >>> logits_at(head.weight, None, hidden, ref.idx, None).shape    # (T, top_k)  # doctest: +SKIP
     """
     out = torch.empty(idx.shape, dtype=torch.float32, device=hidden.device)
     for t0 in range(0, hidden.shape[0], GATHER_TOKENS):
@@ -163,7 +163,7 @@ def token_kl(ref: KLReference, logits: torch.Tensor, lse: torch.Tensor) -> torch
     log-sum-exp (the tail is one outcome on both sides).
 
     Example:
-        >>> token_kl(ref, logits_at(w, None, hidden, ref.idx, None), head_pass.lse)
+        >>> token_kl(ref, logits_at(w, None, hidden, ref.idx, None), head_pass.lse)  # doctest: +SKIP
     """
     logq = logits - lse[:, None]
     p = torch.exp(ref.logp)

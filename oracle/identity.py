@@ -8,7 +8,7 @@ directory hold its sampled fingerprint (64 hex digits, over ``config.to_dict()``
 the new hash: such records are refused with a message that says so (:func:`legacy_hash_reason`).
 
 Example:
-    >>> check_same_model(surrogate.metadata, store.attrs, what="the surrogate", fix="train one on this store")
+    >>> check_same_model(surrogate.metadata, store.attrs, what="the surrogate", fix="train one on this store")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def check_same_model(recorded: Mapping[str, Any], current: Mapping[str, Any], *,
     Example:
         >>> check_same_model({"n_layers": 5}, {"n_layers": 4, "model_id": "m"}, what="scores.json", fix="use its own")
         Traceback (most recent call last):
-        StoreMismatchError: scores.json was made for a 5-layer model but 'm' has 4 decoder layers (n_layers ...
+        layershap.core.errors.StoreMismatchError: scores.json was made for a 5-layer model but 'm' has 4 decoder layers (n_layers ...
     """
     current_id = current.get("model_id") or "this model"
     have, want = recorded.get("n_layers"), current.get("n_layers")

@@ -6,7 +6,7 @@ see :mod:`.families`) for the duration, so every kept layer computes exactly wha
 (Gemma 2/3 interleave sliding and full attention; Jamba, Bamba and Zamba2 interleave attention and Mamba layers).
 
 Example:
-    >>> with skip_layers(model, np.array([True, False, True])):
+    >>> with skip_layers(model, np.array([True, False, True])):  # doctest: +SKIP
     ...     out = model(input_ids, use_cache=False)
 """
 

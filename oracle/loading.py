@@ -13,7 +13,7 @@ Example:
     >>> loaded = load_model("gemma-3-270m")              # embedded default, float32 on CPU / bfloat16 on CUDA
     >>> loaded.model_id, loaded.model_hash[:12], loaded.device
     ('gemma-3-270m', 'a5fd3b62230a', device(type='cpu'))
-    >>> load_model("path/to/model_dir", device="cpu")  # anything from_pretrained reads
+    >>> load_model("path/to/model_dir", device="cpu")  # anything from_pretrained reads  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def cache_dir() -> Path:
     """User cache of layershap: ``$LAYERSHAP_CACHE`` if set, else ``~/.cache/layershap``.
 
     Example:
-        >>> cache_dir() / "converted"
+        >>> cache_dir() / "converted"      # ~/.cache/layershap unless LAYERSHAP_CACHE says otherwise
+        PosixPath('.../converted')
     """
     env = os.environ.get("LAYERSHAP_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "layershap"
@@ -90,7 +91,7 @@ def file_sha256(path: str | Path) -> str:
     """sha256 hex digest of a file, read in 8 MB blocks (fine for multi-GB files).
 
     Example:
-        >>> file_sha256("model.gguf")
+        >>> file_sha256("model.gguf")  # doctest: +SKIP
     """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -150,7 +151,7 @@ def clear_gguf_quantizer(model: nn.Module) -> None:
     ``remove_quantization_config`` clears exactly those four. Refuses when a weight is still packed.
 
     Example:
-        >>> clear_gguf_quantizer(model); model.save_pretrained(out)
+        >>> clear_gguf_quantizer(model); model.save_pretrained(out)  # doctest: +SKIP
     """
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
@@ -202,7 +203,7 @@ def converted_gguf_dir(gguf_path: Path, digest: str) -> Path:
     """Directory of the cached conversion of a .gguf file with sha256 ``digest``; converts it first if absent.
 
     Example:
-        >>> converted_gguf_dir(Path("m.gguf"), file_sha256("m.gguf"))   # .../converted/<sha256>
+        >>> converted_gguf_dir(Path("m.gguf"), file_sha256("m.gguf"))   # .../converted/<sha256>  # doctest: +SKIP
     """
     parent = cache_dir() / "converted"
     target = parent / digest
@@ -291,7 +292,7 @@ def check_gguf_magic(path: Path) -> None:
     """Refuse a file named ``.gguf`` that does not start with the GGUF magic bytes (before hashing it).
 
     Example:
-        >>> check_gguf_magic(Path("model.gguf"))
+        >>> check_gguf_magic(Path("model.gguf"))  # doctest: +SKIP
     """
     with open(path, "rb") as fh:
         head = fh.read(len(GGUF_MAGIC))
@@ -324,8 +325,8 @@ def load_model(
 
     Example:
         >>> lm = load_model("gemma-3-270m", device="cpu")
-        >>> lm.model, lm.tokenizer, lm.model_hash
-        >>> load_model("./llama-70b", device_map="auto").model.hf_device_map   # layers spread over the GPUs
+        >>> lm.model, lm.tokenizer, lm.model_hash  # doctest: +SKIP
+        >>> load_model("./llama-70b", device_map="auto").model.hf_device_map   # layers spread over the GPUs  # doctest: +SKIP
     """
     try:
         dev = resolve_device(device)

@@ -5,10 +5,10 @@ utility: mean token NLL, or KL to the dense model): every distinct mask runs thr
 stored rows are answers and new rows are appended as they finish.
 
 Example:
-    >>> ev = MaskedEvaluator(loaded.model, windows, batch_size=4)
-    >>> store = DatasetStore.create_or_open(out, dataset_identity(loaded, text.text_id, windows, 128), windows)
-    >>> measure_masks(ev, store, loo_masks(ev.n_layers))      # rows added; already stored masks are skipped
-    >>> CachedOracle(ev, store)(masks)                        # -loss per mask, missing ones measured first
+    >>> ev = MaskedEvaluator(loaded.model, windows, batch_size=4)  # doctest: +SKIP
+    >>> store = DatasetStore.create_or_open(out, dataset_identity(loaded, text.text_id, windows, 128), windows)  # doctest: +SKIP
+    >>> measure_masks(ev, store, loo_masks(ev.n_layers))      # rows added; already stored masks are skipped  # doctest: +SKIP
+    >>> CachedOracle(ev, store)(masks)                        # -loss per mask, missing ones measured first  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
     (``game``: what a False in a mask removes; ``utility``: what a row measures).
 
     Example:
-        >>> ident = dataset_identity(loaded, "builtin", windows, seq_len=128)
-        >>> DatasetStore.create_or_open("x.zarr", ident, windows)
+        >>> ident = dataset_identity(loaded, "builtin", windows, seq_len=128)  # doctest: +SKIP
+        >>> DatasetStore.create_or_open("x.zarr", ident, windows)  # doctest: +SKIP
     """
     model = loaded.model
     windows = np.asarray(windows)
@@ -100,7 +100,7 @@ def measure_in_groups(
     Returns the number of masks measured.
 
     Example:
-        >>> measure_in_groups(evaluator, masks, lambda m, v, s: print(len(m)), progress=False)
+        >>> measure_in_groups(evaluator, masks, lambda m, v, s: print(len(m)), progress=False)  # doctest: +SKIP
     """
     groups = trie_groups(masks, masks_per_call)
     total = sum(len(group) for group in groups)
@@ -137,7 +137,7 @@ def measure_masks(
     loses at most the group being measured; running again measures only what is missing.
 
     Example:
-        >>> measure_masks(evaluator, store, parse_mask_spec("loo", store.n_layers, None, 0))
+        >>> measure_masks(evaluator, store, parse_mask_spec("loo", store.n_layers, None, 0))  # doctest: +SKIP
         19
     """
     if evaluator.n_layers != store.n_layers:
@@ -155,7 +155,7 @@ def append_measured(store: DatasetStore, masks: np.ndarray, measured: Measuremen
     """Append measured rows with their per-window values (and KL for a kl store).
 
     Example:
-        >>> append_measured(store, group, evaluator.measure(group), np.full(len(group), 1.5))
+        >>> append_measured(store, group, evaluator.measure(group), np.full(len(group), 1.5))  # doctest: +SKIP
     """
     store.append(masks, measured.loss("nll"), seconds, window_nll=measured.nll,
                  kl=None if measured.kl is None else measured.loss("kl"), window_kl=measured.kl)
@@ -182,9 +182,9 @@ class CachedOracle:
     for rows stored without them).
 
     Example:
-        >>> oracle = CachedOracle(evaluator, store)
-        >>> oracle(masks)            # -loss per mask; new rows land in the store
-        >>> CachedOracle(MaskedEvaluator(model, eval_windows), label="held-out").loss(masks)
+        >>> oracle = CachedOracle(evaluator, store)  # doctest: +SKIP
+        >>> oracle(masks)            # -loss per mask; new rows land in the store  # doctest: +SKIP
+        >>> CachedOracle(MaskedEvaluator(model, eval_windows), label="held-out").loss(masks)  # doctest: +SKIP
     """
 
     def __init__(

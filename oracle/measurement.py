@@ -37,7 +37,7 @@ class Measurement:
     a mask's value is the mean over its windows.
 
     Example:
-        >>> m = evaluator.measure(masks); m.loss("nll"), m.window_loss("kl").shape
+        >>> m = evaluator.measure(masks); m.loss("nll"), m.window_loss("kl").shape  # doctest: +SKIP
     """
 
     nll: np.ndarray

@@ -10,9 +10,9 @@ its loop, per-type attention masks and final norm are the model's own code, so n
 re-implemented here.
 
 Example:
-    >>> plan = plan_prefix_runs(masks, max_slots=8)
-    >>> runner = PrefixRunner(model, budget_bytes=512 * 2**20)
-    >>> for step in plan.steps:
+    >>> plan = plan_prefix_runs(masks, max_slots=8)  # doctest: +SKIP
+    >>> runner = PrefixRunner(model, budget_bytes=512 * 2**20)  # doctest: +SKIP
+    >>> for step in plan.steps:  # doctest: +SKIP
     ...     hidden = runner.run(step, input_ids)          # final hidden states (after the final norm)
 """
 

@@ -5,10 +5,10 @@ drives it; nothing here imports Ray.
 
 Example:
     >>> worker = MaskWorker()                       # in-process, as a Ray actor runs it
-    >>> worker.load("./my-llama", None, "cpu", None, threads=1)
-    >>> windows, identity = worker.cut_windows(text, "builtin", n_windows=4, seq_len=128, seed=0)
-    >>> worker.use_windows(windows, identity, batch_size=4, cache_mb=None)
-    >>> measured, seconds = worker.measure(masks)
+    >>> worker.load("./my-llama", None, "cpu", None, threads=1)  # doctest: +SKIP
+    >>> windows, identity = worker.cut_windows(text, "builtin", n_windows=4, seq_len=128, seed=0)  # doctest: +SKIP
+    >>> worker.use_windows(windows, identity, batch_size=4, cache_mb=None)  # doctest: +SKIP
+    >>> measured, seconds = worker.measure(masks)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ calibration windows, open (or create) the dataset store and build the masked eva
 Nothing is written when the store belongs to another model, text or layer count.
 
 Example:
-    >>> with open_session(model="gemma-3-270m", text="builtin", masks="loo", out=Path("runs/g.zarr")) as s:
+    >>> with open_session(model="gemma-3-270m", text="builtin", masks="loo", out=Path("runs/g.zarr")) as s:  # doctest: +SKIP
     ...     measure_masks(s.evaluator, s.store, s.masks)
 """
 
@@ -102,7 +102,7 @@ def open_session(
     (or use it in a ``with`` block).
 
     Example:
-        >>> with open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr") as s:
+        >>> with open_session(model="./tiny", text="builtin", masks="stratified", n_masks=64, out="x.zarr") as s:  # doctest: +SKIP
         ...     measure_masks(s.evaluator, s.store, s.masks)
     """
     if loading.device == "cuda" and not torch.cuda.is_available():
@@ -131,8 +131,8 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
     (:func:`~layershap.oracle.windows.validation_windows`), backed by its own store at ``out`` (resumable).
 
     Example:
-        >>> val = open_validation(session, text="builtin", out="runs/x/validation.zarr", windows=4, seq_len=128, seed=0)
-        >>> val.loss(masks)
+        >>> val = open_validation(session, text="builtin", out="runs/x/validation.zarr", windows=4, seq_len=128, seed=0)  # doctest: +SKIP
+        >>> val.loss(masks)  # doctest: +SKIP
     """
     token_windows = validation_windows(session.loaded.tokenizer, load_text(text).text, windows, seq_len, seed)
     return _block_oracle(session, text, Path(out), token_windows, seq_len, batch_size, cache_mb, progress,
@@ -149,9 +149,9 @@ def open_decision_blocks(session: OracleSession, *, text: str, out: str | Path, 
     holds fewer (a line says so).
 
     Example:
-        >>> blocks = open_decision_blocks(session, text="builtin", out="runs/x", windows=2, seq_len=256, seed=0,
+        >>> blocks = open_decision_blocks(session, text="builtin", out="runs/x", windows=2, seq_len=256, seed=0,  # doctest: +SKIP
         ...                               block_windows=4, block_seq_len=256, n_blocks=3)
-        >>> [b.window_loss(masks) for b in blocks]
+        >>> [b.window_loss(masks) for b in blocks]  # doctest: +SKIP
     """
     loaded = session.loaded
     calibration = load_text(text)
@@ -193,7 +193,7 @@ def measure_on_workers(*, model: str, text: str, masks: str, out: str | Path, wo
     lock given back).
 
     Example:
-        >>> store = measure_on_workers(model="./my-llama", text="calib.txt", masks="stratified", out="l.zarr", workers=8)
+        >>> store = measure_on_workers(model="./my-llama", text="calib.txt", masks="stratified", out="l.zarr", workers=8)  # doctest: +SKIP
     """
     from .distributed import RayOracle, connect
     from .measure import measure_masks

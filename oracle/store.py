@@ -32,10 +32,10 @@ the lock.
 one object, and read best together.)
 
 Example:
-    >>> with DatasetStore.create_or_open("runs/x.zarr", identity, windows) as store:
+    >>> with DatasetStore.create_or_open("runs/x.zarr", identity, windows) as store:  # doctest: +SKIP
     ...     todo = masks[store.missing(masks)]
     ...     store.append(todo[:1], np.array([2.91]), np.array([7.2]))
-    >>> len(store), store.nll
+    >>> len(store), store.nll  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class DatasetStore:
         """Give back the write lock (a writer); the rows read so far stay readable. Safe to call twice.
 
         Example:
-            >>> with DatasetStore.create_or_open("x.zarr", identity, windows) as store:
+            >>> with DatasetStore.create_or_open("x.zarr", identity, windows) as store:  # doctest: +SKIP
             ...     store.append(masks, nll, seconds)
         """
         if self._lock is not None:
@@ -193,7 +193,7 @@ class DatasetStore:
         """Open an existing store read-only; a missing path or a non-store is a clear :class:`LayershapError`.
 
         Example:
-            >>> store = DatasetStore.open("runs/default/dataset.zarr"); len(store)
+            >>> store = DatasetStore.open("runs/default/dataset.zarr"); len(store)  # doctest: +SKIP
         """
         return cls(path, writable=False)
 
@@ -207,7 +207,7 @@ class DatasetStore:
         or use it in a ``with`` block.
 
         Example:
-            >>> store = DatasetStore.create_or_open("x.zarr", identity, windows)   # windows: int64[W, L]
+            >>> store = DatasetStore.create_or_open("x.zarr", identity, windows)   # windows: int64[W, L]  # doctest: +SKIP
         """
         ident = _check_identity(identity)
         windows = np.asarray(windows)
@@ -267,7 +267,7 @@ class DatasetStore:
         utility, n_windows and seq_len; a partial identity allows a cheap check before the model is loaded.
 
         Example:
-            >>> store.check_identity({"text_id": "builtin", "seq_len": 128})
+            >>> store.check_identity({"text_id": "builtin", "seq_len": 128})  # doctest: +SKIP
         """
         keys = [k for k in (*MATCH_KEYS, "n_windows", "seq_len") if k in identity]
         wanted = {k: jsonable(identity[k]) for k in keys}
@@ -345,7 +345,7 @@ class DatasetStore:
         """``bool[k]``: True where a mask is not stored yet (wrong mask length -> MaskError).
 
         Example:
-            >>> todo = masks[store.missing(masks)]
+            >>> todo = masks[store.missing(masks)]  # doctest: +SKIP
         """
         arr = check_masks(masks, self.n_layers)
         return np.array([row.tobytes() not in self._keys for row in arr], dtype=bool)
@@ -390,7 +390,7 @@ class DatasetStore:
         :meth:`missing` first.
 
         Example:
-            >>> store.append(np.ones((1, store.n_layers), bool), np.array([2.9]), np.array([6.8]))
+            >>> store.append(np.ones((1, store.n_layers), bool), np.array([2.9]), np.array([6.8]))  # doctest: +SKIP
         """
         if not self.writable:
             raise ValueError(f"{self.path} was opened read-only (or closed); use DatasetStore.create_or_open to append")

@@ -11,11 +11,11 @@ scores (same prompt, same tokenisation): per item, one (context, continuation) p
 gold index, so the answer log-likelihoods can be computed with any forward pass (e.g. a masked model's).
 
 Example (``tokenizer`` of the embedded Gemma-3-270M):
-    >>> task = load_choice_task("pydoc_mc", tokenizer, task_dir="benchmarks/tasks", limit=20)
-    >>> item = task.items[0]
-    >>> len(task.items), item.gold, len(item.continuations), item.contexts[0][:4], item.continuations[item.gold]
+    >>> task = load_choice_task("pydoc_mc", tokenizer, task_dir="benchmarks/tasks", limit=20)  # doctest: +SKIP
+    >>> item = task.items[0]  # doctest: +SKIP
+    >>> len(task.items), item.gold, len(item.continuations), item.contexts[0][:4], item.continuations[item.gold]  # doctest: +SKIP
     (20, 0, 4, (2, 14977, 236787, 15311), (219496,))
-    >>> tokenizer.decode(item.contexts[0] + item.continuations[item.gold])[-30:]
+    >>> tokenizer.decode(item.contexts[0] + item.continuations[item.gold])[-30:]  # doctest: +SKIP
     'browsers."?\\nAnswer: webbrowser'
 """
 
@@ -97,7 +97,7 @@ def load_tasks(names: list[str], task_dir: str | Path | None = None) -> tuple[li
     """lm-eval ``Task`` objects (data loaded) for ``names``, and the ``TaskManager`` that knows them.
 
     Example:
-        >>> tasks, manager = load_tasks(["pydoc_mc"], "benchmarks/tasks")
+        >>> tasks, manager = load_tasks(["pydoc_mc"], "benchmarks/tasks")  # doctest: +SKIP
     """
     names = [n.strip() for n in names if n.strip()]
     if not names:
@@ -185,7 +185,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole string adds after the context's tokens; an empty context becomes BOS (EOS without one).
 
     Example:
-        >>> encode_pair(tokenizer, "Question: 2+2?\\nAnswer:", " 4")
+        >>> encode_pair(tokenizer, "Question: 2+2?\\nAnswer:", " 4")  # doctest: +SKIP
     """
     if context == "":
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -204,8 +204,8 @@ def load_choice_task(name: str, tokenizer, task_dir: str | Path | None = None,
     """A multiple-choice task (lm-eval format) as token ids: the first ``limit`` items (all when None).
 
     Example:
-        >>> task = load_choice_task("pydoc_mc", tokenizer, task_dir="benchmarks/tasks")
-        >>> len(task.items), task.items[0].gold
+        >>> task = load_choice_task("pydoc_mc", tokenizer, task_dir="benchmarks/tasks")  # doctest: +SKIP
+        >>> len(task.items), task.items[0].gold  # doctest: +SKIP
     """
     tasks, _ = load_tasks([name], task_dir)
     if len(tasks) != 1:

@@ -2,8 +2,8 @@
 same text so that no token measured for a choice was used to screen the candidates.
 
 Example:
-    >>> blocks = decision_windows(tokenizer, load_text("builtin").text, 2, 256, 0, 4, 256, 3)
-    >>> [b.shape for b in blocks]
+    >>> blocks = decision_windows(tokenizer, load_text("builtin").text, 2, 256, 0, 4, 256, 3)  # doctest: +SKIP
+    >>> [b.shape for b in blocks]  # doctest: +SKIP
     [(4, 257), (4, 257), (4, 257)]
 """
 
@@ -23,7 +23,7 @@ def validation_windows(tokenizer, text: str, n_windows: int, seq_len: int, seed:
     :func:`decision_windows` with calibration-sized blocks).
 
     Example:
-        >>> validation_windows(tokenizer, load_text("builtin").text, 4, 128, seed=0).shape
+        >>> validation_windows(tokenizer, load_text("builtin").text, 4, 128, seed=0).shape  # doctest: +SKIP
         (4, 129)
     """
     return decision_windows(tokenizer, text, n_windows, seq_len, seed, n_windows, seq_len, 1)[0]
@@ -39,7 +39,7 @@ def decision_windows(tokenizer, text: str, n_windows: int, seq_len: int, seed: i
     error (:func:`blocks_that_fit` says how many fit).
 
     Example:
-        >>> [b.shape for b in decision_windows(tokenizer, load_text("builtin").text, 2, 256, 0, 4, 256, 3)]
+        >>> [b.shape for b in decision_windows(tokenizer, load_text("builtin").text, 2, 256, 0, 4, 256, 3)]  # doctest: +SKIP
         [(4, 257), (4, 257), (4, 257)]
     """
     _check_sizes(n_windows, seq_len)

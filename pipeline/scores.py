@@ -3,9 +3,9 @@ them: the index its data support (or the one asked for), exact or Monte Carlo, t
 the standard errors; the scores JSON, a bar chart, the predicted-vs-measured plot, and a table on stdout.
 
 Example:
-    >>> record = score_surrogate(load_surrogate("runs/x/surrogate"), Path("runs/x/scores.json"),
+    >>> record = score_surrogate(load_surrogate("runs/x/surrogate"), Path("runs/x/scores.json"),  # doctest: +SKIP
     ...                          surrogate_dir=Path("runs/x/surrogate"))
-    >>> record.scores.ranking()[:3]
+    >>> record.scores.ranking()[:3]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def score_surrogate(
     for long enumerations.
 
     Example:
-        >>> score_surrogate(sur, Path("scores.json"), index="shapley", method="mc", mc_evals=200_000)
+        >>> score_surrogate(sur, Path("scores.json"), index="shapley", method="mc", mc_evals=200_000)  # doctest: +SKIP
     """
     check_scores_path(out)
     n = surrogate.n_layers

@@ -2,9 +2,9 @@
 neighbours (:mod:`layershap.pruning.plan` drives them).
 
 Example:
-    >>> damage = loo_damage(masks, loss)                         # each layer's leave-one-out cost
-    >>> focused_sets(damage, 3, 6, np.random.default_rng(0), 0.5, exclude=set())
-    >>> ranked_sets(PairwiseModel.fit(masks, loss), 18, 3, top=5)
+    >>> damage = loo_damage(masks, loss)                         # each layer's leave-one-out cost  # doctest: +SKIP
+    >>> focused_sets(damage, 3, 6, np.random.default_rng(0), 0.5, exclude=set())  # doctest: +SKIP
+    >>> ranked_sets(PairwiseModel.fit(masks, loss), 18, 3, top=5)  # doctest: +SKIP
 """
 
 from __future__ import annotations

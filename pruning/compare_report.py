@@ -2,7 +2,7 @@
 (with ``--tasks``) zero-shot accuracy per method with the share of the dense model's accuracy it retains.
 
 Example:
-    >>> print(format_table(doc)); plot_compare(doc, Path("runs/compare/compare.png"))
+    >>> print(format_table(doc)); plot_compare(doc, Path("runs/compare/compare.png"))  # doctest: +SKIP
 """
 
 from __future__ import annotations

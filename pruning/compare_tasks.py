@@ -2,7 +2,7 @@
 lm-evaluation-harness once, the accuracy also as % of the dense model's ("% retained").
 
 Example:
-    >>> task_accuracy(doc, zeroshot, loaded, all_masks, progress=True)
+    >>> task_accuracy(doc, zeroshot, loaded, all_masks, progress=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def task_accuracy(doc: dict, zeroshot: ZeroShot, loaded: LoadedModel, masks: np.
     """Zero-shot accuracy of every distinct model (``masks[0]`` = dense) into ``doc``, relative to dense too.
 
     Example:
-        >>> task_accuracy(doc, ZeroShot(["pydoc_mc"], "benchmarks/tasks"), loaded, all_masks, progress=False)
-        >>> doc["results"][0]["tasks"]          # acc, acc_norm, stderrs and % of dense retained per task
+        >>> task_accuracy(doc, ZeroShot(["pydoc_mc"], "benchmarks/tasks"), loaded, all_masks, progress=False)  # doctest: +SKIP
+        >>> doc["results"][0]["tasks"]          # acc, acc_norm, stderrs and % of dense retained per task  # doctest: +SKIP
     """
     distinct = unique_rows(masks)
     print(f"layershap compare: zero-shot {', '.join(zeroshot.names)} on {len(distinct)} distinct models ...",

@@ -11,7 +11,9 @@ llm-compressor itself is not a dependency (it pins older transformers); the reci
 
 Example:
     >>> write_recipe("recipe.yaml", [0.62, 0.7, 0.78], layer_prefix="model.layers", modifier="wanda")
+    PosixPath('recipe.yaml')
     >>> write_list("sparsities.txt", [0.62, 0.7, 0.78])
+    PosixPath('sparsities.txt')
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def write_formats(out_dir: str | Path, document: dict, formats: Sequence[str] = 
     """Write ``document["sparsities"]`` in every format of ``formats`` into ``out_dir`` (names: FILE_NAMES).
 
     Example:
-        >>> write_formats("out/", export_document(doc, 0.7, 0.08, "scores.json"), layer_prefix="model.layers")
+        >>> write_formats("out/", export_document(doc, 0.7, 0.08, "scores.json"), layer_prefix="model.layers")  # doctest: +SKIP
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

@@ -6,8 +6,8 @@ candidates are then re-measured with the oracle and the one the oracle likes bes
 "remove the K lowest Shapley values", which ignores interactions between the removed layers.
 
 Example:
-    >>> res = search_and_verify(surrogate, oracle, n_layers=18, k=4, top=3)
-    >>> res.winner.removed, res.winner.predicted, res.winner.measured   # values: higher = better (-nll)
+    >>> res = search_and_verify(surrogate, oracle, n_layers=18, k=4, top=3)  # doctest: +SKIP
+    >>> res.winner.removed, res.winner.predicted, res.winner.measured   # values: higher = better (-nll)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def exhaustive_search(
     """All C(n, k) removal sets scored by ``value``: the ``top`` best (best first) and the number of calls.
 
     Example:
-        >>> cands, n_calls = exhaustive_search(surrogate, 18, 4)    # n_calls == C(18, 4) == 3060
+        >>> cands, n_calls = exhaustive_search(surrogate, 18, 4)    # n_calls == C(18, 4) == 3060  # doctest: +SKIP
     """
     _check(n_layers, k, top)
     total = math.comb(n_layers, k)
@@ -100,7 +100,7 @@ def beam_search(
     Returns the ``top`` best sets of size ``k`` (best first) and the number of value-function calls.
 
     Example:
-        >>> cands, n_calls = beam_search(surrogate, 64, 16, width=128)
+        >>> cands, n_calls = beam_search(surrogate, 64, 16, width=128)  # doctest: +SKIP
     """
     _check(n_layers, k, top)
     if width < 1:
@@ -136,7 +136,7 @@ def best_removal_sets(
     """Exhaustive search when C(n, k) <= ``max_exhaustive``, else beam search: (candidates, calls, strategy).
 
     Example:
-        >>> cands, calls, how = best_removal_sets(surrogate, 18, 4)     # how == "exhaustive"
+        >>> cands, calls, how = best_removal_sets(surrogate, 18, 4)     # how == "exhaustive"  # doctest: +SKIP
     """
     _check(n_layers, k, top)
     if math.comb(n_layers, k) <= max_exhaustive:
@@ -162,8 +162,8 @@ def search_and_verify(
     The winner is the candidate with the best oracle value; ``oracle_passes`` = candidates re-measured.
 
     Example:
-        >>> res = search_and_verify(surrogate, MaskedEvaluator(model, windows), 18, 4)
-        >>> -res.winner.predicted, -res.winner.measured      # predicted and measured calibration NLL
+        >>> res = search_and_verify(surrogate, MaskedEvaluator(model, windows), 18, 4)  # doctest: +SKIP
+        >>> -res.winner.predicted, -res.winner.measured      # predicted and measured calibration NLL  # doctest: +SKIP
     """
     cands, calls, strategy = best_removal_sets(
         value, n_layers, k, top=top, beam_width=beam_width, max_exhaustive=max_exhaustive, progress=progress

@@ -9,7 +9,7 @@ log-nll remove a cornerstone layer, against 54-56 % of the pool; with the bands,
 similar predicted level the spread compares like with like, and the bands cover the pool's whole range.
 
 Example:
-    >>> picked, spread = pick_uncertain(store.masks, 18, [1, 2, 3], disagreement, batch=32, seed=1)
+    >>> picked, spread = pick_uncertain(store.masks, 18, [1, 2, 3], disagreement, batch=32, seed=1)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def select_uncertain(candidates: np.ndarray, spread: np.ndarray, batch: int,
     sorted row indices into ``candidates``.
 
     Example:
-        >>> select_uncertain(masks, spread, 32, level=predicted_log_nll)
+        >>> select_uncertain(masks, spread, 32, level=predicted_log_nll)  # doctest: +SKIP
     """
     if batch >= len(candidates):
         return np.arange(len(candidates))
@@ -97,7 +97,7 @@ def pick_uncertain(
     Returns ``(masks bool[b, n], their spreads float64[b])``; never a mask in ``stored``.
 
     Example:
-        >>> masks, spread = pick_uncertain(store.masks, 18, range(1, 10), disagreement, 32, seed=3)
+        >>> masks, spread = pick_uncertain(store.masks, 18, range(1, 10), disagreement, 32, seed=3)  # doctest: +SKIP
     """
     k_pool = min(pool, available_masks(stored, n, strata))
     candidates = stratified_masks(n, k_pool, seed=seed, removed=strata, include_loo=False, exclude=stored)

@@ -17,8 +17,8 @@ loopback-bound server), 422 malformed request; an unexpected failure is a 500 th
 which the server logs the traceback.
 
 Example:
-    >>> app = create_app(Registry(registry_root(None)), Limits(), token=None)
-    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    >>> app = create_app(Registry(registry_root(None)), Limits(), token=None)  # doctest: +SKIP
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 Example:
     >>> from layershap import Client
-    >>> with Client("http://127.0.0.1:8000") as c:
+    >>> with Client("http://127.0.0.1:8000") as c:  # doctest: +SKIP
     ...     scores = c.scores("gemma-3-270m", index="semivalue", sizes="1:9")
     ...     scores.ranking()[:4], scores.stderr
     ...     nll, spread = c.predict("gemma-3-270m", np.ones((1, 18), bool))

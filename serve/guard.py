@@ -15,7 +15,7 @@ the server has one), the JSON content type of request bodies, the body-size boun
   that id only (no exception text).
 
 Example:
-    >>> app = Guard(fastapi_app, token="s3cret", max_body=8 << 20, loopback_hosts=True)
+    >>> app = Guard(fastapi_app, token="s3cret", max_body=8 << 20, loopback_hosts=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ most ``computations`` expensive computations run at a time (per server process).
 Example:
     >>> svc = Service(Registry("/tmp/reg"), Limits())
     >>> entry, sur = svc.surrogate("gemma-3-270m")
-    >>> svc.cached(entry, "scores", {"index": "shapley"}, lambda: {"x": 1})      # b'{"x":1}'
+    >>> svc.cached(entry, "scores", {"index": "shapley"}, lambda: {"x": 1})      # b'{"x":1}'  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ down too. Each worker keeps its own answer cache and loaded surrogates; answers 
 worker computes them.
 
 Example:
-    >>> run_workers(lambda: uvicorn.Server(config).run(sockets=[sock]), workers=2)
+    >>> run_workers(lambda: uvicorn.Server(config).run(sockets=[sock]), workers=2)  # doctest: +SKIP
     0
 """
 

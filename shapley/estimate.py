@@ -16,8 +16,8 @@ the pruning-range semivalue over ``A..B`` removed layers.
 Example:
     >>> from layershap.shapley.estimate import compute_scores
     >>> from layershap.shapley.semivalues import Index
-    >>> scores = compute_scores(surrogate, surrogate.n_layers, Index("semivalue", 1, 6), method="auto")
-    >>> scores.values, scores.stderr, scores.ranking()      # ranking: least important first
+    >>> scores = compute_scores(surrogate, surrogate.n_layers, Index("semivalue", 1, 6), method="auto")  # doctest: +SKIP
+    >>> scores.values, scores.stderr, scores.ranking()      # ranking: least important first  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def compute_scores(
 
     Example:
         >>> s = compute_scores(lambda m: m.sum(1) * 1.0, 30, method="mc", budget=20_000, seed=0)
-        >>> s.method, s.values.round(6)                   # 'mc-permutation', all 1.0
+        >>> s.method, bool((s.values.round(6) == 1.0).all())
+        ('mc-permutation', True)
     """
     index = Index("shapley") if index is None else index
     index.validate(n)
@@ -123,8 +124,8 @@ def ensemble_scores(ensemble: Ensemble, index: Index | None = None, method: str 
     the members' values are kept in ``extra``. Costs about twice the network evaluations of the mean alone.
 
     Example:
-        >>> s = ensemble_scores(load_surrogate("runs/x/surrogate"), Index("semivalue", 1, 9))
-        >>> s.values, s.stderr, s.extra["surrogate_stderr"]
+        >>> s = ensemble_scores(load_surrogate("runs/x/surrogate"), Index("semivalue", 1, 9))  # doctest: +SKIP
+        >>> s.values, s.stderr, s.extra["surrogate_stderr"]  # doctest: +SKIP
     """
     n = ensemble.n_layers
     scores = compute_scores(ensemble, n, index, method, **kwargs)
@@ -148,7 +149,7 @@ def scores_table(scores: Scores, layer_names: list[str] | None = None) -> str:
     """Plain-text table: layer, score ± s.e., rank (1 = least important, removed first).
 
     Example:
-        >>> print(scores_table(scores))
+        >>> print(scores_table(scores))  # doctest: +SKIP
     """
     names = layer_names or [str(i) for i in range(scores.n_layers)]
     rank = scores.prune_rank()

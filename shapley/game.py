@@ -6,7 +6,7 @@ and finiteness of what comes back.
 
 Example:
     >>> v = lambda m: m.astype(float) @ np.arange(3.0)     # an additive game
-    >>> evaluate(v, masks_from_ints(np.arange(8), 3))       # all 8 coalitions of 3 players
+    >>> evaluate(v, masks_from_ints(np.arange(8), 3))       # all 8 coalitions of 3 players  # doctest: +SKIP
     array([0., 0., 1., 1., 2., 2., 3., 3.])
 """
 

@@ -15,9 +15,9 @@
 arguments -> same output.
 
 Example:
-    >>> s = permutation_shapley(surrogate, 32, budget=200_000, seed=0)
-    >>> s.values, s.stderr
-    >>> s = stratified_semivalue(surrogate, 32, 200_000, Index("semivalue", 1, 8), seed=0)
+    >>> s = permutation_shapley(surrogate, 32, budget=200_000, seed=0)  # doctest: +SKIP
+    >>> s.values, s.stderr  # doctest: +SKIP
+    >>> s = stratified_semivalue(surrogate, 32, 200_000, Index("semivalue", 1, 8), seed=0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def permutation_shapley(
 
     Example:
         >>> s = permutation_shapley(lambda m: m.sum(1).astype(float), 40, budget=10_000)
-        >>> s.values                                   # all 1.0, stderr 0
+        >>> bool((s.values.round(6) == 1.0).all()), float(s.stderr.max())      # all 1.0, stderr 0
+        (True, 0.0)
     """
     _check_budget(budget)
     if n < 2:
@@ -163,7 +164,7 @@ def stratified_semivalue(
     Each sample costs 2 evaluations (``v(S ∪ i)`` and ``v(S)``).
 
     Example:
-        >>> s = stratified_semivalue(v, 32, 100_000, Index("semivalue", 1, 8), seed=1)
+        >>> s = stratified_semivalue(v, 32, 100_000, Index("semivalue", 1, 8), seed=1)  # doctest: +SKIP
     """
     _check_budget(budget)
     index = Index("shapley") if index is None else index

@@ -3,8 +3,8 @@
 matplotlib figures on an Agg canvas (no display needed, pyplot untouched).
 
 Example:
-    >>> plot_scores(scores, "scores.png", title="gemma-3-270m: semivalue[1:6]")
-    >>> plot_interactions(scores.extra["interactions"], "scores_interactions.png")
+    >>> plot_scores(scores, "scores.png", title="gemma-3-270m: semivalue[1:6]")  # doctest: +SKIP
+    >>> plot_interactions(scores.extra["interactions"], "scores_interactions.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def plot_scores(scores: Scores, path: str | Path, title: str | None = None, n_se
     """Bar chart of per-layer scores with ±``n_se`` standard-error bars; the lowest-ranked layers are outlined.
 
     Example:
-        >>> plot_scores(scores, "runs/x/scores.png")
+        >>> plot_scores(scores, "runs/x/scores.png")  # doctest: +SKIP
     """
     n = scores.n_layers
     x = np.arange(n)

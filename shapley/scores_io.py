@@ -10,8 +10,8 @@ more important), ``scores`` and ``stderr`` (per layer), ``ranking`` (layer indic
 pairwise Shapley interaction index, diagonal 0). Unknown extra fields are allowed; readers ignore them.
 
 Example:
-    >>> record = write_scores("scores.json", scores, surrogate.metadata, source="runs/x/surrogate")
-    >>> back = read_scores("scores.json"); back.scores.ranking()[:3]      # three least important layers
+    >>> record = write_scores("scores.json", scores, surrogate.metadata, source="runs/x/surrogate")  # doctest: +SKIP
+    >>> back = read_scores("scores.json"); back.scores.ranking()[:3]      # three least important layers  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def scores_record(
     metrics); a layer-count mismatch is a :class:`LayershapError`.
 
     Example:
-        >>> scores_record(scores, surrogate.metadata, source="runs/x/surrogate").identity
+        >>> scores_record(scores, surrogate.metadata, source="runs/x/surrogate").identity  # doctest: +SKIP
     """
     meta = metadata or {}
     if meta.get("n_layers") is not None and int(meta["n_layers"]) != scores.n_layers:
@@ -137,7 +137,7 @@ def write_scores(path: str | Path, scores: Scores, metadata: Mapping[str, Any] |
     """Write the scores JSON atomically (keyword arguments as :func:`scores_record`); returns the record written.
 
     Example:
-        >>> write_scores("out/scores.json", scores, surrogate.metadata, source="out/surrogate")
+        >>> write_scores("out/scores.json", scores, surrogate.metadata, source="out/surrogate")  # doctest: +SKIP
     """
     record = scores_record(scores, metadata, **kwargs)
     write_text_atomic(path, dumps_compact(record.to_dict()) + "\n")
@@ -148,7 +148,7 @@ def read_scores(path: str | Path) -> ScoresRecord:
     """Read and check a scores JSON; a missing file or another kind of JSON is a :class:`LayershapError`.
 
     Example:
-        >>> record = read_scores("scores.json"); record.scores.values, record.model_id
+        >>> record = read_scores("scores.json"); record.scores.values, record.model_id  # doctest: +SKIP
     """
     path = Path(path)
     if not path.is_file():

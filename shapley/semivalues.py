@@ -96,6 +96,7 @@ class Index:
 
     Example:
         >>> Index("semivalue", 1, 4).weights(8)[4:]     # only s = 4..7 (r = 4..1 removed) carry weight
+        array([0.00714286, 0.01190476, 0.03571429, 0.25      ])
     """
 
     kind: str

@@ -3,9 +3,9 @@ per removed-layer-count stratum (undefined values — fewer than 2 points, const
 which removed-layer counts those metrics *validate* (:func:`not_validated`, the one statement of the rule).
 
 Example:
-    >>> m = fit_metrics(masks, measured_nll, predicted_nll)
-    >>> m["overall"]["spearman"], [s["removed"] for s in m["by_removed"]]
-    >>> not_validated(surrogate.metadata)       # {8: "Spearman 0.20 < 0.5 on 9 held-out rows", ...}
+    >>> m = fit_metrics(masks, measured_nll, predicted_nll)  # doctest: +SKIP
+    >>> m["overall"]["spearman"], [s["removed"] for s in m["by_removed"]]  # doctest: +SKIP
+    >>> not_validated(surrogate.metadata)       # {8: "Spearman 0.20 < 0.5 on 9 held-out rows", ...}  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ The regression target is ``log(loss + offset)``: ``offset`` 0 for the NLL, a sma
 full-model value is 0 (:func:`~layershap.oracle.measurement.log_offset`).
 
 Example:
-    >>> model = PairwiseModel.fit(masks, nll, max_removed=6)
-    >>> model.predict_nll(masks_from_removed([[7, 8]], 18))        # predicted nll of removing layers 7 and 8
+    >>> model = PairwiseModel.fit(masks, nll, max_removed=6)  # doctest: +SKIP
+    >>> model.predict_nll(masks_from_removed([[7, 8]], 18))        # predicted nll of removing layers 7 and 8  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class PairwiseModel:
         compared with), else the mean. Raises :class:`LayershapError` without rows in range.
 
         Example:
-            >>> PairwiseModel.fit(masks, nll, max_removed=6).predict_nll(masks[:3])
+            >>> PairwiseModel.fit(masks, nll, max_removed=6).predict_nll(masks[:3])  # doctest: +SKIP
         """
         masks = np.asarray(masks)
         masks = check_masks(masks, masks.shape[-1])
@@ -106,7 +106,7 @@ class PairwiseModel:
         feature matrix, so millions of sets cost ``m x K^2`` reads.
 
         Example:
-            >>> model.predict_sets(np.array([[7, 8], [8, 9]]))      # two 2-layer removals
+            >>> model.predict_sets(np.array([[7, 8], [8, 9]]))      # two 2-layer removals  # doctest: +SKIP
         """
         sets = np.asarray(sets, dtype=np.int64)
         if sets.ndim != 2:

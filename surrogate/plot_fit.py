@@ -1,8 +1,8 @@
 """Predicted-vs-measured plot of a surrogate on its held-out masks (matplotlib, Agg canvas, PNG).
 
 Example:
-    >>> plot_fit(measured, predicted, removed, "fit.png", predicted_std=std)
-    >>> plot_validation("runs/default/surrogate", "runs/default/fit.png")   # from validation.npz
+    >>> plot_fit(measured, predicted, removed, "fit.png", predicted_std=std)  # doctest: +SKIP
+    >>> plot_validation("runs/default/surrogate", "runs/default/fit.png")   # from validation.npz  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Example:
     >>> family_of({"model_id": "gemma-3-270m"})
     'gemma3_text'
-    >>> describe(load_surrogate("artifacts/gemma-3-270m/surrogate").metadata)["rows"]
+    >>> describe(load_surrogate("artifacts/gemma-3-270m/surrogate").metadata)["rows"]  # doctest: +SKIP
     184
 """
 

@@ -11,8 +11,8 @@ a network that neither fitted nor early-stopped on it: :func:`train_ensemble`). 
 - ``history.csv``: member, epoch, train_loss, val_loss (standardized units).
 
 Example:
-    >>> surrogate = train_surrogate("runs/default/dataset.zarr", "runs/default/surrogate", members=3)
-    >>> surrogate.metadata["metrics"]["overall"]["spearman"]
+    >>> surrogate = train_surrogate("runs/default/dataset.zarr", "runs/default/surrogate", members=3)  # doctest: +SKIP
+    >>> surrogate.metadata["metrics"]["overall"]["spearman"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def train_surrogate(
     (see :func:`train_ensemble`), its held-out metrics in ``metadata["metrics"]``.
 
     Example:
-        >>> train_surrogate("data.zarr", "surrogate", members=3, seed=0).metadata["metrics"]["overall"]["r2"]
+        >>> train_surrogate("data.zarr", "surrogate", members=3, seed=0).metadata["metrics"]["overall"]["r2"]  # doctest: +SKIP
     """
     if not isinstance(store, DatasetStore):
         store = DatasetStore.open(store)
@@ -126,8 +126,8 @@ def train_ensemble(
     nll) are shared by all networks.
 
     Example:
-        >>> dm = MaskDataModule(masks, nll, folds=5, seed=0)
-        >>> train_ensemble(dm, "out", members=3, hidden=64).metadata["metrics"]["overall"]["spearman"]
+        >>> dm = MaskDataModule(masks, nll, folds=5, seed=0)  # doctest: +SKIP
+        >>> train_ensemble(dm, "out", members=3, hidden=64).metadata["metrics"]["overall"]["spearman"]  # doctest: +SKIP
     """
     if members < 1:
         raise LayershapError(f"--members must be >= 1, got {members}")
@@ -253,7 +253,7 @@ def fit_member(
     a summary ``{"seed", "epochs", "best_epoch", "best_val_loss"}`` and the per-epoch loss history.
 
     Example:
-        >>> net, run, history = fit_member(dm, seed=1, hidden=64, max_epochs=100, progress=False)
+        >>> net, run, history = fit_member(dm, seed=1, hidden=64, max_epochs=100, progress=False)  # doctest: +SKIP
     """
     with _quiet_lightning():
         L.seed_everything(seed, workers=True, verbose=False)
