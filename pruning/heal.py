@@ -233,7 +233,8 @@ def _solve(stat: dict, ridge: float, what: str) -> torch.Tensor:
     size = g.shape[0]
     lam = ridge * float(torch.trace(g)) / size
     chol, info = torch.linalg.cholesky_ex(g + lam * torch.eye(size, dtype=g.dtype))
-    if int(info) != 0 or not torch.isfinite(g).all():
+    eig = torch.linalg.eigvalsh(g) if lam == 0 else None
+    if int(info) != 0 or not torch.isfinite(g).all() or (eig is not None and eig[0] <= 1e-10 * eig[-1]):
         raise LayershapError(
             f"{what}: the activations entering the span are rank-deficient (singular system); use a ridge above "
             "0 (e.g. --ridge 1e-3) or more calibration tokens"
