@@ -71,7 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--text", default="builtin", help="calibration text")
-    p.add_argument("--windows", type=int, default=32, help="calibration windows for the fits")
+    p.add_argument("--windows", type=int, default=16, help="calibration windows for the fits")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--methods", default="bias,linear,lowrank:64")
     p.add_argument("--plans", default=None, help="one removal set, e.g. 6,7,8,9 (default: the K = 2/4/5 plans)")

@@ -21,8 +21,8 @@ from layershap.core.load_options import CPU_LOADING, LoadOptions
 
 from .options import non_negative, positive
 
-# calibration windows of a healing fit: 32 x 256 tokens (see benchmarks/healing.py for what more tokens buy)
-HEAL_WINDOWS, HEAL_SEQ_LEN, HEAL_RIDGE = 32, 256, 1e-3
+# calibration of a healing fit: 16 x 256 tokens; 32 close no more of the gap at K = 4 (benchmarks/healing.py)
+HEAL_WINDOWS, HEAL_SEQ_LEN, HEAL_RIDGE = 16, 256, 1e-4  # = layershap.pruning.heal.DEFAULT_RIDGE
 
 
 def prune(

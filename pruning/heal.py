@@ -44,7 +44,7 @@ from layershap.oracle.layers import find_layers, skip_layers
 from layershap.oracle.prune import prune_model
 
 METHODS = ("bias", "linear", "lowrank:R")
-DEFAULT_RIDGE = 1e-3
+DEFAULT_RIDGE = 1e-4  # K = 4 on Gemma-3-270M (benchmarks/healing.py): 1-2 points above 1e-3, 6 above 1e-2
 _METHOD = re.compile(r"^(bias|linear|lowrank:(\d+))$")
 
 
