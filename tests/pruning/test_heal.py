@@ -97,14 +97,17 @@ def test_fits_equal_independent_least_squares(arch):
     assert bias.spans[0].explained < low.spans[0].explained < linear.spans[0].explained
 
 
-@pytest.mark.parametrize(("arch", "method"), [("llama", "linear"), ("llama", "bias"), ("gemma3", "lowrank:4"),
-                                              ("gemma3", "linear")])
-def test_healed_model_equals_pruned_model_patched_by_hand(arch, method):
-    """Two spans ({1} and {3, 4}): the in-memory healed model (reversible and for good) equals a copy with the
-    layers deleted and each fitted patch applied to the carrier's branch output by a hook."""
+@pytest.mark.parametrize(("arch", "method", "removed"), [
+    ("llama", "linear", [1, 3, 4]), ("llama", "bias", [1, 3, 4]), ("gemma3", "lowrank:4", [1, 3, 4]),
+    ("gemma3", "linear", [1, 3, 4]), ("llama", "linear", [1, 4, 5]), ("gemma3", "bias", [1, 4, 5])])
+def test_healed_model_equals_pruned_model_patched_by_hand(arch, method, removed):
+    """Two spans ({1} and {3, 4}, or {4, 5} at the model's end): the in-memory healed model (reversible and for
+    good) equals a copy with the layers deleted and each fitted patch applied to the carrier's branch output by a
+    hook."""
     model = make_tiny_model(arch, n_layers=6, seed=2)
-    healing = fit_healing(model, _windows(), [1, 3, 4], method, progress=False)
-    assert [(s.start, s.stop, s.carrier) for s in healing.spans] == [(1, 2, 0), (3, 5, 2)]
+    healing = fit_healing(model, _windows(), removed, method, progress=False)
+    second = (removed[1], removed[2] + 1, removed[1] - 1)
+    assert [(s.start, s.stop, s.carrier) for s in healing.spans] == [(1, 2, 0), second]
     reference = copy.deepcopy(model)
     handle = find_layers(reference)
     for span in healing.spans:
@@ -114,7 +117,7 @@ def test_healed_model_equals_pruned_model_patched_by_hand(arch, method):
         t, b = torch.from_numpy(full), torch.from_numpy(shift)
         getattr(handle.layers[span.carrier], BRANCH[arch]).register_forward_hook(
             lambda mod, args, out, t=t, b=b: out + out @ t + b)
-    kept = [0, 2, 5]
+    kept = [i for i in range(6) if i not in removed]
     handle.parent.layers = torch.nn.ModuleList([handle.layers[i] for i in kept])
     reference.config.num_hidden_layers = 3
     if getattr(reference.config, "layer_types", None) is not None:
