@@ -40,6 +40,9 @@ def prune(
     seq_len: int = HEAL_SEQ_LEN,
     seed: int = 0,
     ridge: float = HEAL_RIDGE,
+    steps: int = 100,
+    lr: float = 1e-4,
+    lora_rank: int = 8,
     progress: bool = True,
 ) -> int:
     """Write a depth-pruned Hugging Face model (healed with --heal METHOD).
@@ -62,7 +65,10 @@ def prune(
         seq_len: tokens per calibration window.
         seed: where the calibration windows are drawn from the text.
         ridge: ridge of the linear fits, relative to the mean activation energy (0: plain least squares).
-        progress: show a progress bar while the calibration activations are collected.
+        steps: distill: training steps (each: one batch of 2 calibration windows).
+        lr: distill: AdamW learning rate of the LoRA adapters.
+        lora_rank: distill: rank of the LoRA adapters on the kept layers next to each removed span.
+        progress: show a progress bar while the calibration activations are collected (distill: trained).
     """
     import json
     from pathlib import Path
@@ -79,6 +85,8 @@ def prune(
     positive("windows", windows)
     positive("seq_len", seq_len)
     non_negative("ridge", ridge)
+    positive("steps", steps)
+    positive("lora_rank", lora_rank)
     if heal is not None:
         from layershap.pruning.heal import parse_method
 
@@ -133,7 +141,8 @@ def prune(
     if heal is None:
         written = save_pruned_model(loaded.model, loaded.tokenizer, mask, out, info)
     else:
-        written = _heal_and_save(loaded, removed, out, info, heal, text, windows, seq_len, seed, ridge, progress)
+        written = _heal_and_save(loaded, removed, out, info, heal, text, windows, seq_len, seed, ridge, progress,
+                                 {"steps": steps, "lr": lr, "lora_rank": lora_rank})
     print(f"removed layers {removed} of {n} ({source['selection']}); {n - len(removed)} layers left")
     remote = json.loads((written / PRUNE_INFO_FILE).read_text())["trust_remote_code"]
     reload = ("AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True): it needs the "
@@ -143,7 +152,7 @@ def prune(
 
 
 def _heal_and_save(loaded, removed: list[int], out: str, info: dict, method: str, text: str, windows: int,
-                   seq_len: int, seed: int, ridge: float, progress: bool):
+                   seq_len: int, seed: int, ridge: float, progress: bool, training: dict):
     """Fit the healing ``method`` on calibration windows of ``text``, then save the healed model to ``out``."""
     from layershap.oracle.prune import check_out_dir
     from layershap.oracle.text import load_text, make_windows
@@ -153,8 +162,19 @@ def _heal_and_save(loaded, removed: list[int], out: str, info: dict, method: str
     check_out_dir(out)  # refused before the calibration pass
     calib = load_text(text)
     ids = make_windows(loaded.tokenizer, calib.text, windows, seq_len, seed)
+    calibration = {"text_id": calib.text_id, "windows": windows, "seq_len": seq_len, "seed": seed}
+    if method == "distill":
+        from layershap.oracle.layers import find_layers
+        from layershap.pruning.distill import distill, save_distilled_model
+
+        n = find_layers(loaded.model).n_layers
+        student, record = distill(loaded.model, ids, removed, seed=seed, progress=progress, **training)
+        print(f"distilled {record['steps']} steps on {record['calibration_tokens']} calibration tokens in "
+              f"{record['seconds']:.1f} s: KL to the dense model {record['kl_before']:.4g} -> {record['kl_after']:.4g}")
+        return save_distilled_model(student, loaded.tokenizer, {**record, "calibration": calibration}, removed, n,
+                                    out, info)
     healing = fit_healing(loaded.model, ids, removed, method, ridge=ridge, progress=progress)
-    healing.extra["calibration"] = {"text_id": calib.text_id, "windows": windows, "seq_len": seq_len, "seed": seed}
+    healing.extra["calibration"] = calibration
     spans = ", ".join(f"{s.start}..{s.stop - 1} on layer {s.carrier}: {100 * s.explained:.0f}%"
                       for s in healing.spans)
     print(f"healed with {method} on {healing.n_tokens} calibration tokens in {healing.seconds:.1f} s "

@@ -43,9 +43,9 @@ from layershap.oracle.healed_modeling import BASES, HealPatch, install_patch, re
 from layershap.oracle.layers import find_layers, skip_layers
 from layershap.oracle.prune import prune_model
 
-METHODS = ("bias", "linear", "lowrank:R")
+METHODS = ("bias", "linear", "lowrank:R", "distill")  # distill: trained, see .distill
 DEFAULT_RIDGE = 1e-4  # K = 4 on Gemma-3-270M (benchmarks/healing.py): 1-2 points above 1e-3, 6 above 1e-2
-_METHOD = re.compile(r"^(bias|linear|lowrank:(\d+))$")
+_METHOD = re.compile(r"^(bias|linear|distill|lowrank:(\d+))$")
 
 
 def parse_method(method: str) -> tuple[str, int | None]:
@@ -57,7 +57,8 @@ def parse_method(method: str) -> tuple[str, int | None]:
     """
     found = _METHOD.match(str(method).strip())
     if found is None:
-        raise LayershapError(f"unknown healing method {method!r}; use bias, linear or lowrank:R (e.g. lowrank:32)")
+        raise LayershapError(f"unknown healing method {method!r}; use bias, linear, lowrank:R (e.g. lowrank:32) "
+                             "or distill")
     rank = None if found.group(2) is None else int(found.group(2))
     if rank is not None and rank < 1:
         raise LayershapError(f"lowrank:{rank}: the rank must be at least 1, e.g. lowrank:32")
@@ -288,6 +289,8 @@ def fit_healing(model: nn.Module, windows: np.ndarray | torch.Tensor, removed: S
         >>> fit_healing(model, windows, [7, 8], "lowrank:64").spans[0].explained    # share of the update fitted
     """
     kind, rank = parse_method(method)
+    if kind == "distill":
+        raise LayershapError("distill is trained, not fitted in closed form: use layershap.pruning.distill.distill")
     if ridge < 0:
         raise LayershapError(f"--ridge must be 0 or more, got {ridge}")
     n_layers = find_layers(model).n_layers

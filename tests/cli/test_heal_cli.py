@@ -49,13 +49,21 @@ def test_heal_cli_writes_the_library_healing(tmp_path, capsys, one_thread):
     assert "auto_map" not in json.loads((tmp_path / "fused" / "config.json").read_text())
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "fused").config.num_hidden_layers == 3
 
+    # distill: merged into standard weights, the KL it reached recorded
+    assert main(["heal", "--model", str(src), "--layers", "2,3", "--method", "distill", "--steps", "8", "--lr",
+                 "1e-2", "--windows", "4", "--seq-len", "16", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    assert "distilled 8 steps on 68 calibration tokens" in capsys.readouterr().out
+    info = json.loads((tmp_path / "d" / PRUNE_INFO_FILE).read_text())
+    assert info["healing"]["saved_form"] == "merged" and info["healing"]["kl_after"] < info["healing"]["kl_before"]
+    assert "auto_map" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
 
 def test_heal_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, one_thread):
     src = save_tiny_model_dir(tmp_path / "tiny", "llama", 4, seed=0)
     out = tmp_path / "h"
     cases = [
         (["--layers", "0,1", "--method", "bias"], "keep layer 0"),
-        (["--layers", "2", "--method", "quadratic"], "use bias, linear or lowrank:R"),
+        (["--layers", "2", "--method", "quadratic"], "use bias, linear, lowrank:R"),
         (["--layers", "2", "--method", "linear", "--windows", "1", "--seq-len", "8"],
          "8 calibration tokens cannot determine a 32 x 32 linear map"),
         (["--layers", "2", "--method", "lowrank:40"], "below the hidden size 32"),

@@ -69,7 +69,7 @@ def test_method_and_span_parsing():
     assert parse_method("lowrank:16") == ("lowrank", 16)
     assert removed_spans([7, 8, 9, 12, 16], 18) == [(7, 10), (12, 13), (16, 17)]
     assert removed_spans([16, 17], 18) == [(16, 18)]
-    with pytest.raises(LayershapError, match="use bias, linear or lowrank:R"):
+    with pytest.raises(LayershapError, match="use bias, linear, lowrank:R"):
         parse_method("ridge")
     with pytest.raises(LayershapError, match="at least 1"):
         parse_method("lowrank:0")
