@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import masks_from_removed
 from layershap.oracle.healed_modeling import BASES, HealPatch, install_patch, remove_patch
 from layershap.oracle.layers import find_layers, skip_layers
 from layershap.oracle.prune import prune_model
+
+from .heal_stats import collect_statistics
 
 METHODS = ("bias", "linear", "lowrank:R", "distill")  # distill: trained, see .distill
 DEFAULT_RIDGE = 1e-4  # K = 4 on Gemma-3-270M (benchmarks/healing.py): 1-2 points above 1e-3, 6 above 1e-2
@@ -150,14 +151,6 @@ class Healing:
                 "ridge": self.ridge, **self.extra}
 
 
-class _Stop(Exception):
-    """Raised by the last hook: nothing after the last span is needed."""
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _check_spans(spans: list[tuple[int, int]], removed: Sequence[int]) -> None:
     if not spans:
         raise LayershapError("no layer is removed: name the layers to remove (e.g. --remove 7,8)")
@@ -166,67 +159,6 @@ def _check_spans(spans: list[tuple[int, int]], removed: Sequence[int]) -> None:
             f"layer 0 is removed ({sorted(removed)}): a healing patch rides on the kept layer before each removed "
             "span and none comes before layer 0; keep layer 0, or prune without healing"
         )
-
-
-def collect_statistics(model: nn.Module, windows: np.ndarray | torch.Tensor, spans: list[tuple[int, int]],
-                       batch_size: int = 4, progress: bool = True) -> tuple[list[dict], int]:
-    """Per span, float64 sums over calibration tokens of the dense model: ``G = M^T M``, ``C = M^T D``,
-    ``sum D`` and ``sum ||D||^2``; also the token count. One forward per batch, stopped after the last span."""
-    handle = find_layers(model)
-    branch = branch_of(model)
-    ids = torch.as_tensor(np.asarray(windows), dtype=torch.long)
-    device = next(model.parameters()).device
-    skip_first = ids.shape[1] > 1 and bool((ids[:, 0] == ids[0, 0]).all())
-    stats = [None] * len(spans)
-    current: dict[int, dict] = {}
-    hooks = []
-
-    def tokens(x: torch.Tensor) -> torch.Tensor:
-        x = x[:, 1:] if skip_first else x
-        return x.reshape(-1, x.shape[-1]).to(torch.float64)
-
-    def add(k: int, m: torch.Tensor, d: torch.Tensor) -> None:
-        if stats[k] is None:
-            size = m.shape[1]
-            stats[k] = {"G": torch.zeros(size, size, dtype=torch.float64), "C": torch.zeros(size, size,
-                        dtype=torch.float64), "sum_d": torch.zeros(size, dtype=torch.float64), "sum_dd": 0.0}
-        s = stats[k]
-        m, d = m.cpu(), d.cpu()
-        s["G"] += m.T @ m
-        s["C"] += m.T @ d
-        s["sum_d"] += d.sum(0)
-        s["sum_dd"] += float((d * d).sum())
-
-    last_span = len(spans) - 1
-    for k, (start, stop) in enumerate(spans):
-        carrier = handle.layers[start - 1]
-
-        def on_branch(module, args, out, k=k):
-            current.setdefault(k, {})["M"] = tokens(_first(out).detach())
-
-        def on_carrier(module, args, out, k=k):
-            current[k]["L"] = tokens(_first(out).detach())
-
-        def on_end(module, args, out, k=k):
-            c = current.pop(k)
-            add(k, c["M"], tokens(_first(out).detach()) - c["L"])
-            if k == last_span:
-                raise _Stop
-
-        hooks += [getattr(carrier, branch).register_forward_hook(on_branch),
-                  carrier.register_forward_hook(on_carrier),
-                  handle.layers[stop - 1].register_forward_hook(on_end)]
-    try:
-        batches = range(0, ids.shape[0], batch_size)
-        with torch.inference_mode():
-            for b in tqdm(batches, desc="healing: calibration", disable=not progress, leave=False):
-                with contextlib.suppress(_Stop):
-                    handle.parent(input_ids=ids[b:b + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    n_tokens = ids.shape[0] * (ids.shape[1] - int(skip_first))
-    return stats, n_tokens
 
 
 def _solve(stat: dict, ridge: float, what: str) -> torch.Tensor:
@@ -299,7 +231,8 @@ def fit_healing(model: nn.Module, windows: np.ndarray | torch.Tensor, removed: S
     _check_spans(spans, removed)
     branch = branch_of(model)
     start = time.perf_counter()
-    stats, n_tokens = collect_statistics(model, windows, spans, batch_size=batch_size, progress=progress)
+    stats, n_tokens = collect_statistics(model, windows, spans, branch, batch_size=batch_size,
+                                         progress=progress)
     fits = [fit_span(s, n_tokens, kind, rank, ridge, span) for s, span in zip(stats, spans)]
     return Healing(method=method, n_layers=n_layers, removed=removed, branch=branch, spans=fits,
                    n_tokens=n_tokens, seconds=time.perf_counter() - start, ridge=ridge)
