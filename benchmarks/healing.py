@@ -7,12 +7,13 @@ model is scored on the pruning benchmark's held-out texts (GPL-3, Vim manual, CP
 tokens each, never used for calibration). Printed per plan and method: held-out perplexity, the share of the
 log-perplexity gap to the dense model the method closes ((nll_unhealed - nll_healed) / (nll_unhealed -
 nll_dense)), calibration tokens, fit seconds, the saved form (fused into ``down_proj`` or custom code) and the
-parameters the patches add. ``--sweep`` also refits ``linear`` at K = 4 on more and fewer calibration windows,
+parameters the patches add (``distill``: LoRA merged, none). ``--sweep`` also refits ``linear`` at K = 4 on more and fewer calibration windows,
 to show how many tokens pay.
 
 Example:
     $ python benchmarks/healing.py                              # ~5 min on 2 CPU cores
     $ python benchmarks/healing.py --plans 6,7,8,9 --methods linear --sweep 8,16,32,64
+    $ python benchmarks/healing.py --plans 6,7,8,9 --methods linear,distill --distill-steps 200
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.text import eval_windows, load_text, make_windows
+from layershap.pruning.distill import distill
 from layershap.pruning.heal import fit_healing, healing_applied
 from layershap.pruning.heal_save import saved_form
 
@@ -80,6 +82,8 @@ def main() -> None:
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--ridge", type=float, default=None, help="ridge of the linear fits (default: layershap's)")
     p.add_argument("--sweep", default="", help="calibration window counts to refit linear at K = 4 with")
+    p.add_argument("--distill-steps", type=int, default=100, help="training steps of the distill method")
+    p.add_argument("--distill-lr", type=float, default=1e-4)
     args = p.parse_args()
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu")
@@ -110,16 +114,23 @@ def main() -> None:
             windows = cal_windows if n_windows == args.windows else make_windows(
                 tok, calib.text, n_windows, args.seq_len, seed=0)
             start = time.perf_counter()
-            healing = fit_healing(model, windows, plan, method, progress=False, **extra)
-            fit_s = time.perf_counter() - start
-            with healing_applied(model, healing):
-                healed = heldout_nll(model, ev)
+            if method == "distill":
+                student, record = distill(model, windows, plan, steps=args.distill_steps, lr=args.distill_lr,
+                                          progress=False)
+                fit_s, n_tokens, form, params = time.perf_counter() - start, record["calibration_tokens"], "merged", 0
+                healed = heldout_nll(student, ev)
+                del student
+            else:
+                healing = fit_healing(model, windows, plan, method, progress=False, **extra)
+                fit_s, n_tokens = time.perf_counter() - start, healing.n_tokens
+                with healing_applied(model, healing):
+                    healed = heldout_nll(model, ev)
+                form = saved_form(model.config.model_type, healing)
+                params = sum(sum(a.size for a in (s.delta, s.down, s.up, s.bias) if a is not None)
+                             for s in healing.spans) if form != "fused" else 0
             closed = [(unhealed[h] - healed[h]) / (unhealed[h] - dense[h]) for h in names]
-            form = saved_form(model.config.model_type, healing)
-            params = sum(sum(a.size for a in (s.delta, s.down, s.up, s.bias) if a is not None)
-                         for s in healing.spans) if form != "fused" else 0
             print(f"{k:>2} {'':<18} {method:<11} {' / '.join(f'{math.exp(healed[h]):.1f}' for h in names):<30} "
-                  f"{' / '.join(f'{100 * c:.0f}%' for c in closed):<20} {healing.n_tokens:>7} {fit_s:>6.1f} "
+                  f"{' / '.join(f'{100 * c:.0f}%' for c in closed):<20} {n_tokens:>7} {fit_s:>6.1f} "
                   f"{form:<12} {params / 1e6:>7.2f}M", flush=True)
 
 
