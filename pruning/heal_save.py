@@ -43,7 +43,8 @@ def saved_form(model_type: str, healing: Healing) -> str:
     """``"fused"`` when the standard architecture expresses the healed model exactly, else ``"custom code"``.
 
     Example:
-        >>> saved_form("llama", healing_with_method("linear")), saved_form("gemma3_text", healing)
+        >>> healing = fit_healing(model, windows, [7, 8], "linear")
+        >>> saved_form("llama", healing), saved_form("gemma3_text", healing)
         ('fused', 'custom code')
     """
     has_bias = any(s.bias is not None for s in healing.spans)
