@@ -31,6 +31,8 @@ from layershap.core.masks import check_masks
 from .layers import find_layers
 
 PRUNE_INFO_FILE = "layershap_prune.json"
+# the modeling file beside a healed model the standard architecture cannot express (oracle/healed_modeling.py)
+HEALED_MODELING_FILE = "layershap_healed.py"
 
 
 def remote_code_option(path: str | Path) -> dict[str, bool]:
@@ -49,9 +51,7 @@ def remote_code_option(path: str | Path) -> dict[str, bool]:
         return {}
     if not auto_map:
         return {}
-    from .hybrid_families import Jamba
-
-    own = Jamba({}).custom_code_files()
+    own = own_custom_code_files()
     modules = {str(ref).split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values()}
     if modules <= own.keys() and all((folder / name).is_file() and (folder / name).read_text() == own[name]
                                      for name in modules):
@@ -60,6 +60,27 @@ def remote_code_option(path: str | Path) -> dict[str, bool]:
         f"{folder} holds custom model code (auto_map: {', '.join(sorted(modules))}) that layershap did not write; "
         "layershap does not run it: review it and load the model yourself with trust_remote_code=True"
     )
+
+
+def own_custom_code_files() -> dict[str, str]:
+    """Every custom modeling file layershap writes beside a model it saves: ``{file name: source}``."""
+    from . import healed_modeling
+    from .hybrid_families import Jamba
+
+    return {**Jamba({}).custom_code_files(), HEALED_MODELING_FILE: Path(healed_modeling.__file__).read_text()}
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path if a model may be written there: new, empty, or an earlier layershap output."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MaskError(f"--out {out} exists and is not a directory; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_INFO_FILE).exists():
+        raise MaskError(
+            f"--out {out} is a non-empty directory that is not a layershap pruned model; "
+            "choose an empty or new directory so nothing there is overwritten"
+        )
+    return out
 
 
 def prune_model(model: nn.Module, mask: np.ndarray) -> nn.Module:
@@ -97,14 +118,7 @@ def save_pruned_model(
     handle = find_layers(model)
     n_layers = handle.n_layers
     keep = check_masks(mask, n_layers)[0]
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MaskError(f"--out {out} exists and is not a directory; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_INFO_FILE).exists():
-        raise MaskError(
-            f"--out {out} is a non-empty directory that is not a layershap pruned model; "
-            "choose an empty or new directory so nothing there is overwritten"
-        )
+    out = check_out_dir(out_dir)
     prune_model(model, keep)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
