@@ -1,0 +1,191 @@
+"""Attention and MLP sublayers as players: the ``sublayers`` game over ``2n`` players of an ``n``-layer decoder.
+
+Player order: layer ``i``'s attention is player ``2 i``, its MLP player ``2 i + 1`` (names ``"i.attn"``,
+``"i.mlp"``). Skipping a sublayer makes its residual contribution zero: the whole normed branch (pre-norm, the
+sublayer, and Gemma's post-norm) is not computed and the residual stream passes through unchanged. A layer whose
+two sublayers are both skipped leaves the layer list (as in the ``blocks`` game); a layer with one of them kept is
+run by :class:`PartialLayer`, which calls the layer's own modules with the arguments the model's decoder loop
+passes it (attention mask of the layer's own attention type, rotary tables, cache), so each kept attention keeps
+its attention type and rope. No weight is copied.
+
+Supported: the pre-norm transformers Llama, Mistral, Qwen 2, Qwen 3 (``input_layernorm -> self_attn``,
+``post_attention_layernorm -> mlp``) and Gemma 2 / 3 (post-norms ``post_attention_layernorm`` and
+``post_feedforward_layernorm`` close each branch).
+
+Example:
+    >>> names = player_names(2)
+    >>> names
+    ['0.attn', '0.mlp', '1.attn', '1.mlp']
+    >>> with skip_sublayers(model, np.array([True, True, False, True])):   # layer 1 runs its MLP only
+    ...     out = model(input_ids, use_cache=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from layershap.core.errors import LayershapError, UnsupportedModelError
+from layershap.core.masks import check_masks
+
+from .families import LayerWrapper
+from .layers import bind_layers, find_layers, layer_types
+
+PLAYERS = ("blocks", "sublayers")
+KINDS = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class SublayerSpec:
+    """Attribute names of one family's decoder layer: each branch is ``post(module(pre(x)))`` added to ``x``
+    (``post`` None: no post-norm)."""
+
+    attn: str
+    attn_pre: str
+    attn_post: str | None
+    mlp: str
+    mlp_pre: str
+    mlp_post: str | None
+
+
+_PRE_NORM = SublayerSpec("self_attn", "input_layernorm", None, "mlp", "post_attention_layernorm", None)
+_GEMMA = SublayerSpec("self_attn", "input_layernorm", "post_attention_layernorm", "mlp",
+                      "pre_feedforward_layernorm", "post_feedforward_layernorm")
+SPECS: dict[str, SublayerSpec] = {"llama": _PRE_NORM, "mistral": _PRE_NORM, "qwen2": _PRE_NORM, "qwen3": _PRE_NORM,
+                                  "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA}
+
+
+def check_players(players: str) -> str:
+    """``players`` when it names a game (``blocks`` or ``sublayers``), else a one-line :class:`LayershapError`."""
+    if players not in PLAYERS:
+        raise LayershapError(f"unknown players {players!r}; use blocks (whole decoder layers) or sublayers "
+                             "(attention and MLP of each layer)")
+    return players
+
+
+def sublayer_spec(model: nn.Module) -> SublayerSpec:
+    """The sublayer layout of ``model``'s family; :class:`UnsupportedModelError` for the others."""
+    model_type = getattr(model.config, "model_type", None)
+    spec = SPECS.get(model_type or "")
+    if spec is None:
+        raise UnsupportedModelError(
+            f"--players sublayers supports model types {', '.join(sorted(SPECS))}, not {model_type!r}; "
+            "use --players blocks for it"
+        )
+    return spec
+
+
+def player_names(n_layers: int) -> list[str]:
+    """Names of the ``2 n_layers`` sublayer players in mask order.
+
+    Example:
+        >>> player_names(1)
+        ['0.attn', '0.mlp']
+    """
+    return [f"{i}.{kind}" for i in range(n_layers) for kind in KINDS]
+
+
+def player_types(model: nn.Module) -> list[str]:
+    """Per-player types: an attention player has its layer's attention type, an MLP player ``mlp``."""
+    return [t for layer_type in layer_types(model) for t in (layer_type, "mlp")]
+
+
+def split_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(attention kept, MLP kept)``, ``bool[..., n]`` each, of sublayer masks ``bool[..., 2n]``.
+
+    Example:
+        >>> [a.tolist() for a in split_mask(np.array([True, False, False, True]))]
+        [[True, False], [False, True]]
+    """
+    arr = np.asarray(mask, dtype=bool)
+    return arr[..., 0::2], arr[..., 1::2]
+
+
+def blocks_to_sublayers(masks: np.ndarray) -> np.ndarray:
+    """Block masks ``bool[k, n]`` as sublayer masks ``bool[k, 2n]`` (a kept block keeps both sublayers).
+
+    Example:
+        >>> blocks_to_sublayers(np.array([[True, False]])).astype(int).tolist()
+        [[1, 1, 0, 0]]
+    """
+    return np.repeat(np.asarray(masks, dtype=bool), 2, axis=-1)
+
+
+def unit_masks(masks: np.ndarray) -> np.ndarray:
+    """Sublayer masks ``bool[k, 2n]`` as *unit* masks ``bool[k, 3n]``: unit ``3i`` = layer ``i`` whole, ``3i+1`` =
+    its attention only, ``3i+2`` = its MLP only; at most one unit per layer is set. Kept units in increasing order
+    are the run's sequence of layer modules, so a trie over them shares prefixes (:mod:`.prefix`).
+
+    Example:
+        >>> unit_masks(np.array([[True, True, False, True]])).astype(int).tolist()
+        [[1, 0, 0, 0, 0, 1]]
+    """
+    attn, mlp = split_mask(masks)
+    out = np.zeros(attn.shape[:-1] + (attn.shape[-1], 3), dtype=bool)
+    out[..., 0] = attn & mlp
+    out[..., 1] = attn & ~mlp
+    out[..., 2] = ~attn & mlp
+    return out.reshape(attn.shape[:-1] + (3 * attn.shape[-1],))
+
+
+class PartialLayer(LayerWrapper):
+    """Runs one sublayer of decoder layer ``layer`` (``attn`` True: the attention branch; else the MLP branch)
+    with the layer's own modules; attribute reads it does not answer go to the layer (``attention_type``).
+
+    Example:
+        >>> PartialLayer(model.model.layers[0], sublayer_spec(model), attn=False)(hidden)   # hidden + MLP branch
+    """
+
+    def __init__(self, layer: nn.Module, spec: SublayerSpec, attn: bool) -> None:
+        super().__init__(layer)
+        object.__setattr__(self, "_spec", spec)
+        object.__setattr__(self, "_attn", bool(attn))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise TypeError("a decoder loop passed positional arguments beyond hidden_states; layershap's sublayer "
+                            "game needs keyword arguments")
+        layer, spec = self._stand_in_for, self._spec
+        return branch(layer, spec, self._attn, hidden_states, kwargs)
+
+
+def branch(layer: nn.Module, spec: SublayerSpec, attn: bool, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``hidden`` plus layer's attention branch (``attn``) or MLP branch, as its own forward computes it."""
+    if attn:
+        out = getattr(layer, spec.attn_pre)(hidden)
+        out = getattr(layer, spec.attn)(hidden_states=out, **kwargs)[0]
+        post = spec.attn_post
+    else:
+        out = getattr(layer, spec.mlp)(getattr(layer, spec.mlp_pre)(hidden))
+        post = spec.mlp_post
+    if post is not None:
+        out = getattr(layer, post)(out)
+    return hidden + out
+
+
+def unit_modules(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
+    """The ``3n`` unit modules of :func:`unit_masks` (layer, attention only, MLP only per layer) and the layer
+    each stands for."""
+    spec = sublayer_spec(model)
+    layers = find_layers(model).layers
+    modules: list[nn.Module] = []
+    for layer in layers:
+        modules += [layer, PartialLayer(layer, spec, attn=True), PartialLayer(layer, spec, attn=False)]
+    return modules, [i for i in range(len(layers)) for _ in range(3)]
+
+
+@contextlib.contextmanager
+def skip_sublayers(model: nn.Module, mask: np.ndarray) -> Iterator[None]:
+    """Temporarily run ``model`` with only the sublayers where ``mask`` (``bool[2n]``, player order of
+    :func:`player_names`) is True; restores the layer list and config on exit, also after an exception."""
+    handle = find_layers(model)
+    units = unit_masks(check_masks(mask, 2 * handle.n_layers))[0]
+    modules, layer_of = unit_modules(model)
+    kept = [int(u) for u in np.flatnonzero(units)]
+    with bind_layers(model, [modules[u] for u in kept], [layer_of[u] for u in kept]):
+        yield

@@ -1,0 +1,100 @@
+"""The sublayer game: a mask entry per attention and per MLP; skipped sublayers add nothing to the residual."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+from layershap.core.errors import LayershapError, MaskError, UnsupportedModelError
+from layershap.oracle.evaluate import MaskedEvaluator
+from layershap.oracle.sublayers import blocks_to_sublayers, player_names, split_mask, unit_masks
+
+SUBLAYER_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+N = 4
+
+
+class _ZeroAttention(nn.Module):
+    """An attention returning zeros (and no weights), as HF attention modules return ``(output, weights)``."""
+
+    def forward(self, hidden_states, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class _ZeroMLP(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def reference_loss(model: nn.Module, ids: torch.Tensor, mask: np.ndarray) -> float:
+    """HF's own ``labels=`` loss of a deep copy whose skipped attentions / MLPs are modules returning zeros (a
+    Gemma post-norm of zeros is zero, so the whole branch adds nothing)."""
+    m = copy.deepcopy(model)
+    for i, layer in enumerate(m.model.layers):
+        if not mask[2 * i]:
+            layer.self_attn = _ZeroAttention()
+        if not mask[2 * i + 1]:
+            layer.mlp = _ZeroMLP()
+    with torch.no_grad():
+        return float(m(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
+def test_masks_of_sublayers():
+    assert player_names(2) == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+    mask = np.array([[1, 0, 0, 1, 1, 1, 0, 0]], bool)
+    attn, mlp = split_mask(mask)
+    assert attn.tolist() == [[True, False, True, False]] and mlp.tolist() == [[False, True, True, False]]
+    assert unit_masks(mask).astype(int).tolist() == [[0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0]]
+    assert (blocks_to_sublayers(np.array([[True, False]])) == np.array([[1, 1, 0, 0]], bool)).all()
+
+
+def _masks(rng: np.random.Generator) -> np.ndarray:
+    fixed = [np.ones(2 * N), np.zeros(2 * N), np.tile([0, 1], N), np.tile([1, 0], N),
+             [1, 1, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 0, 1, 1]]
+    return np.vstack([np.array(fixed, bool), rng.random((5, 2 * N)) < 0.6])
+
+
+@pytest.mark.parametrize("arch", SUBLAYER_ARCHS)
+def test_masked_loss_equals_model_with_zeroed_sublayers(arch, one_thread):
+    """Every mask, with and without prefix sharing, equals HF's loss of a copy whose skipped sublayers are zero
+    modules; Gemma's sliding layers keep their own window (windows longer than it)."""
+    model = make_tiny_model(arch, N, seed=1)
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, 300, (3, 12)))
+    masks = _masks(np.random.default_rng(1))
+    want = np.array([reference_loss(model, ids, m) for m in masks])
+    assert np.ptp(want) > 0.05  # the masks really differ
+    assert abs(want[4] - want[5]) > 1e-3 and abs(want[2] - want[3]) > 1e-3
+    for sharing in (True, False):
+        ev = MaskedEvaluator(model, ids, batch_size=2, players="sublayers", prefix_sharing=sharing)
+        assert (ev.n_layers, ev.n_blocks) == (2 * N, N)
+        got = ev.nll(masks)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    blocks = MaskedEvaluator(model, ids, batch_size=2).nll(np.array([[1, 0, 1, 1]], bool))
+    np.testing.assert_allclose(ev.nll(blocks_to_sublayers([[1, 0, 1, 1]])), blocks, rtol=0, atol=2e-5)
+
+
+def test_prefix_sharing_saves_layer_runs(one_thread):
+    """Sublayer masks that share their first units share those forwards."""
+    model = make_tiny_model("llama", N, seed=1)
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, 300, (2, 8)))
+    masks = np.array([[1, 1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 1, 1, 1]], bool)
+    ev = MaskedEvaluator(model, ids, players="sublayers")
+    ev.nll(masks)
+    assert ev.last_stats["plain_layer_runs"] == 12
+    # units (0, 4, 6, 9), (0, 4, 6, 11), (0, 4, 8, 9): the first runs 4, the second 1 (from depth 3), the last 2
+    assert ev.last_stats["layer_runs"] == 4 + 1 + 2
+
+
+def test_bad_sublayer_input_is_one_line(one_thread):
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, 300, (1, 8)))
+    ev = MaskedEvaluator(make_tiny_model("llama", N), ids, players="sublayers")
+    with pytest.raises(MaskError, match="mask length 4"):
+        ev.nll(np.ones((1, N), bool))
+    with pytest.raises(LayershapError, match="unknown players"):
+        MaskedEvaluator(make_tiny_model("llama", N), ids, players="heads")
+    with pytest.raises(UnsupportedModelError, match="--players sublayers supports"):
+        MaskedEvaluator(make_tiny_model("gpt2", N), ids, players="sublayers")
