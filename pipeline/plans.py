@@ -189,9 +189,9 @@ def plan_for(doc: dict, k: int) -> list[int]:
                          f"--remove {k}` on the same store first, or prune by score with --by-score")
 
 
-def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None) -> str:
+def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None, names: list[str] | None = None) -> str:
     """The plan table: K, layers to remove, calibration and decision perplexity, how sure, runner-up (and the
-    lowest-score sets).
+    lowest-score sets); ``names``: player names the sets are shown by (the sublayer game's "3.attn").
 
     Example:
         >>> print(format_plans(read_plans("runs/gemma-3-270m")))
@@ -205,9 +205,12 @@ def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None) -> str:
         dec = "-" if p["decision_perplexity"] is None else f"{p['decision_perplexity']:.4g}"
         margin = ("-" if p["separated"] is None else ">99 se" if p["margin_se"] is None
                   else f"{p['margin_se']:.1f} se")
-        runner = "-" if p["runner_up"] is None else str(p["runner_up"])
-        extra = f"  {lowest[p['k']]}" if lowest and p["k"] in lowest else ""
-        lines.append(f"  {p['k']:>3}  {p['removed']!s:<24} {p['perplexity']:>10.4g} {dec:>9} {margin:>8}  "
+        def shown(players: list[int]) -> str:
+            return str(players if names is None else [names[i] for i in players]).replace("'", "")
+
+        runner = "-" if p["runner_up"] is None else shown(p["runner_up"])
+        extra = f"  {shown(lowest[p['k']])}" if lowest and p["k"] in lowest else ""
+        lines.append(f"  {p['k']:>3}  {shown(p['removed']):<24} {p['perplexity']:>10.4g} {dec:>9} {margin:>8}  "
                      f"{runner}{extra}")
     lines.append(f"  {doc['passes']} screening passes ({doc['calibration']['tokens_per_pass']} tokens each), "
                  f"{doc['decision_passes']} decision passes ({doc['decision']['tokens_per_block']} tokens each); "

@@ -98,3 +98,34 @@ def test_bad_sublayer_input_is_one_line(one_thread):
         MaskedEvaluator(make_tiny_model("llama", N), ids, players="heads")
     with pytest.raises(UnsupportedModelError, match="--players sublayers supports"):
         MaskedEvaluator(make_tiny_model("gpt2", N), ids, players="sublayers")
+
+
+def test_a_sublayer_store_records_its_players_and_refuses_block_masks(tmp_path):
+    """The store of the sublayer game names its 2n players, hashes them, and refuses masks of the blocks game's
+    width in one line naming the game; a blocks store's identity has no players key."""
+    from layershap.oracle.store import DatasetStore
+    from layershap.oracle.text import windows_sha256
+
+    windows = np.random.default_rng(0).integers(0, 300, size=(2, 9), dtype=np.int64)
+    base = {"model_id": "tiny", "model_hash": "a" * 64, "text_id": "builtin", "windows_sha256": windows_sha256(windows),
+            "n_windows": 2, "seq_len": 8, "dtype": "float32"}
+    sub = dict(base, n_layers=2 * N, layer_types=["full_attention", "mlp"] * N, game="sublayers",
+               players=player_names(N))
+    with DatasetStore.create_or_open(tmp_path / "s.zarr", sub, windows) as store:
+        store.append(np.ones((1, 2 * N), bool), np.array([2.0]), np.array([0.1]))
+        assert store.players == player_names(N) and store.game == "sublayers"
+        assert store.identity["players"] == player_names(N)
+        with pytest.raises(MaskError, match=f"holds the sublayers game: masks of {2 * N} entries .attention and MLP "
+                                            f"of each of {N} layers., not {N}"):
+            store.missing(np.ones((1, N), bool))
+        hashed = store.content_hash()
+    renamed = dict(sub, players=[f"p{i}" for i in range(2 * N)])
+    with DatasetStore.create_or_open(tmp_path / "r.zarr", renamed, windows) as other:
+        other.append(np.ones((1, 2 * N), bool), np.array([2.0]), np.array([0.1]))
+        assert other.content_hash() != hashed  # the player list is part of what the rows mean
+    blocks = dict(base, n_layers=N, layer_types=["full_attention"] * N)
+    with DatasetStore.create_or_open(tmp_path / "b.zarr", blocks, windows) as store:
+        assert "players" not in store.identity and "players" not in store.attrs
+        assert store.players == ["0", "1", "2", "3"]
+        with pytest.raises(MaskError, match="holds the blocks game: masks of 4 entries .one per decoder layer., not 8"):
+            store.append(np.ones((1, 2 * N), bool), np.array([2.0]), np.array([0.1]))

@@ -1,0 +1,95 @@
+"""`layershap run --players sublayers` end to end on a tiny random Llama: a 2n-player game from oracle to summary."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_model_dir
+from transformers import AutoModelForCausalLM
+
+from layershap.cli.main import main
+from layershap.oracle.store import DatasetStore
+
+
+def loss_without_sublayers(model_dir, ids, removed: list[int]) -> float:
+    """HF's ``labels=`` loss of the saved model with the removed players' modules (2i: attention of layer i,
+    2i+1: its MLP) replaced by modules returning zeros."""
+
+    class Zero(torch.nn.Module):
+        def __init__(self, attn: bool) -> None:
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, hidden_states=None, *args, **kwargs):
+            zeros = torch.zeros_like(hidden_states)
+            return (zeros, None) if self.attn else zeros
+
+    m = copy.deepcopy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+    for p in removed:
+        layer = m.model.layers[p // 2]
+        if p % 2 == 0:
+            layer.self_attn = Zero(True)
+        else:
+            layer.mlp = Zero(False)
+    ids = torch.as_tensor(np.asarray(ids))
+    with torch.no_grad():
+        return float(m(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
+def test_run_sublayers_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", 4, seed=1)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-masks", "40", "--windows", "2",
+            "--seq-len", "24", "--members", "2", "--hidden", "32", "--no-progress", "--players", "sublayers"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    store = DatasetStore.open(out / "dataset.zarr")
+    assert store.game == "sublayers" and store.n_layers == 8 and len(store) >= 40
+    assert store.players == ["0.attn", "0.mlp", "1.attn", "1.mlp", "2.attn", "2.mlp", "3.attn", "3.mlp"]
+    assert store.identity["layer_types"][1::2] == ["mlp"] * 4
+    # stratified over the 8 players: every removal count 1..4 appears, attention and MLP removed alike
+    removed = ~store.masks
+    assert set(removed.sum(axis=1)) >= {0, 1, 2, 3, 4}
+    assert removed[:, 0::2].any() and removed[:, 1::2].any()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["game"] == "sublayers" and len(summary["layers"]) == 8
+    windows = store.windows
+    # leave-one-out perplexities per sublayer and the full model are the real ones
+    for p in (0, 3, 6):
+        assert summary["layers"][p]["loo_perplexity"] == pytest.approx(
+            math.exp(loss_without_sublayers(model_dir, windows, [p])), rel=1e-5)
+    assert summary["full_perplexity"] == pytest.approx(math.exp(loss_without_sublayers(model_dir, windows, [])),
+                                                       rel=1e-5)
+    # every plan removes K sublayers and its perplexity is that of the model without them
+    assert [p["k"] for p in summary["plans"]] == [1, 2]  # 1 .. 30 % of 8 players
+    for p in summary["plans"]:
+        assert len(p["removed"]) == p["k"]
+        assert p["perplexity"] == pytest.approx(math.exp(loss_without_sublayers(model_dir, windows, p["removed"])),
+                                                rel=1e-5)
+    # scores per sublayer; ranks follow them
+    order = np.argsort([r["score"] for r in summary["layers"]], kind="stable")
+    assert [summary["layers"][i]["rank"] for i in order] == list(range(1, 9))
+    # the table shows attention and MLP side by side, one line per decoder layer
+    table = printed[printed.index("(attention, MLP)"):]
+    assert "MLP" in table.splitlines()[1]
+    line = next(x for x in table.splitlines() if x.split()[:1] == ["2"])
+    for p in summary["plans"]:  # the plan table names the sublayers it removes
+        assert f"  {p['k']:>3}  [{', '.join(store.players[i] for i in p['removed'])}]" in printed
+    assert float(line.split()[1]) == pytest.approx(summary["layers"][4]["score"], abs=1e-4)
+    assert float(line.split()[5]) == pytest.approx(summary["layers"][5]["score"], abs=1e-4)
+
+    # a blocks run into the same store is refused in one line; nothing is written
+    rows = len(store)
+    capsys.readouterr()
+    assert main(["oracle", "--model", str(model_dir), "--out", str(out / "dataset.zarr"), "--masks", "loo",
+                 "--windows", "2", "--seq-len", "24", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "game: store has 'sublayers', this run has 'blocks'" in err and len(err.strip().splitlines()) == 1
+    assert "Loading weights" not in err  # refused before the model is loaded
+    assert len(DatasetStore.open(out / "dataset.zarr")) == rows
