@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,29 +34,13 @@ from layershap.core.masks import check_masks
 
 from .families import LayerWrapper
 from .layers import bind_layers, find_layers, layer_types
+from .sublayer_model import SPECS, SublayerSpec, branch
 
 PLAYERS = ("blocks", "sublayers")
 KINDS = ("attn", "mlp")
-
-
-@dataclass(frozen=True)
-class SublayerSpec:
-    """Attribute names of one family's decoder layer: each branch is ``post(module(pre(x)))`` added to ``x``
-    (``post`` None: no post-norm)."""
-
-    attn: str
-    attn_pre: str
-    attn_post: str | None
-    mlp: str
-    mlp_pre: str
-    mlp_post: str | None
-
-
-_PRE_NORM = SublayerSpec("self_attn", "input_layernorm", None, "mlp", "post_attention_layernorm", None)
-_GEMMA = SublayerSpec("self_attn", "input_layernorm", "post_attention_layernorm", "mlp",
-                      "pre_feedforward_layernorm", "post_feedforward_layernorm")
-SPECS: dict[str, SublayerSpec] = {"llama": _PRE_NORM, "mistral": _PRE_NORM, "qwen2": _PRE_NORM, "qwen3": _PRE_NORM,
-                                  "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA}
+__all__ = ["KINDS", "PLAYERS", "SPECS", "PartialLayer", "SublayerSpec", "blocks_to_sublayers", "branch",
+           "check_players", "player_names", "player_types", "skip_sublayers", "split_mask", "sublayer_spec",
+           "unit_masks", "unit_modules"]
 
 
 def check_players(players: str) -> str:
@@ -152,20 +135,6 @@ class PartialLayer(LayerWrapper):
                             "game needs keyword arguments")
         layer, spec = self._stand_in_for, self._spec
         return branch(layer, spec, self._attn, hidden_states, kwargs)
-
-
-def branch(layer: nn.Module, spec: SublayerSpec, attn: bool, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """``hidden`` plus layer's attention branch (``attn``) or MLP branch, as its own forward computes it."""
-    if attn:
-        out = getattr(layer, spec.attn_pre)(hidden)
-        out = getattr(layer, spec.attn)(hidden_states=out, **kwargs)[0]
-        post = spec.attn_post
-    else:
-        out = getattr(layer, spec.mlp)(getattr(layer, spec.mlp_pre)(hidden))
-        post = spec.mlp_post
-    if post is not None:
-        out = getattr(layer, post)(out)
-    return hidden + out
 
 
 def unit_modules(model: nn.Module) -> tuple[list[nn.Module], list[int]]:

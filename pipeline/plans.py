@@ -138,6 +138,7 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_id": session.loaded.model_id, "model_hash": session.loaded.model_hash, "n_layers": n,
         "utility": ev.utility,
+        **({"game": session.store.game, "players": session.store.players} if session.store.game != "blocks" else {}),
         "calibration": {"text_id": session.store.attrs.get("text_id"),
                         "windows_sha256": session.store.attrs.get("windows_sha256"),
                         "tokens_per_pass": ev.n_tokens},

@@ -30,17 +30,28 @@ class _ZeroMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def reference_loss(model: nn.Module, ids: torch.Tensor, mask: np.ndarray) -> float:
-    """HF's own ``labels=`` loss of a deep copy whose skipped attentions / MLPs are modules returning zeros (a
-    Gemma post-norm of zeros is zero, so the whole branch adds nothing)."""
+def _zeroed(model: nn.Module, mask: np.ndarray) -> nn.Module:
+    """A deep copy whose skipped attentions / MLPs are modules returning zeros (a Gemma post-norm of zeros is
+    zero, so the whole branch adds nothing)."""
     m = copy.deepcopy(model)
     for i, layer in enumerate(m.model.layers):
         if not mask[2 * i]:
             layer.self_attn = _ZeroAttention()
         if not mask[2 * i + 1]:
             layer.mlp = _ZeroMLP()
+    return m
+
+
+def reference_loss(model: nn.Module, ids: torch.Tensor, mask: np.ndarray) -> float:
+    """HF's own ``labels=`` loss of :func:`_zeroed`."""
     with torch.no_grad():
-        return float(m(input_ids=ids, labels=ids, use_cache=False).loss)
+        return float(_zeroed(model, mask)(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
+def reference_logits(model: nn.Module, ids: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """HF's own logits of :func:`_zeroed`."""
+    with torch.no_grad():
+        return _zeroed(model, mask)(input_ids=ids, use_cache=False).logits
 
 
 def test_masks_of_sublayers():
