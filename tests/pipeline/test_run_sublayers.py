@@ -77,7 +77,7 @@ def test_run_sublayers_end_to_end(tmp_path, capsys, monkeypatch):
     assert [summary["layers"][i]["rank"] for i in order] == list(range(1, 9))
     # the table shows attention and MLP side by side, one line per decoder layer
     table = printed[printed.index("(attention, MLP)"):]
-    assert "MLP" in table.splitlines()[1]
+    assert "MLP" in table.splitlines()[1] and "4 layers x (attention, MLP)" in printed
     line = next(x for x in table.splitlines() if x.split()[:1] == ["2"])
     for p in summary["plans"]:  # the plan table names the sublayers it removes
         assert f"  {p['k']:>3}  [{', '.join(store.players[i] for i in p['removed'])}]" in printed
@@ -93,3 +93,35 @@ def test_run_sublayers_end_to_end(tmp_path, capsys, monkeypatch):
     assert "game: store has 'sublayers', this run has 'blocks'" in err and len(err.strip().splitlines()) == 1
     assert "Loading weights" not in err  # refused before the model is loaded
     assert len(DatasetStore.open(out / "dataset.zarr")) == rows
+
+    # the verified plan for K = 2 sublayers, pruned and reloaded: the model without them
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--plans", str(out), "--remove", "2", "--out", str(pruned)]) == 0
+    plan = next(p for p in summary["plans"] if p["k"] == 2)
+    assert f"removed sublayers {', '.join(store.players[i] for i in plan['removed'])}" in capsys.readouterr().out
+    info = json.loads((pruned / "layershap_prune.json").read_text())
+    assert info["removed_sublayers"] == [store.players[i] for i in plan["removed"]]
+    options = {"trust_remote_code": True} if info["trust_remote_code"] else {}
+    reloaded = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32, **options).eval()
+    ids = torch.as_tensor(windows)
+    with torch.no_grad():
+        got = float(reloaded(input_ids=ids, labels=ids, use_cache=False).loss)
+    assert got == pytest.approx(loss_without_sublayers(model_dir, windows, plan["removed"]), abs=1e-5)
+
+
+def test_prune_named_sublayers_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "qwen3", 3, seed=4)
+    out = tmp_path / "p"
+    assert main(["prune", "--model", str(model_dir), "--sublayers", "0.attn,2.mlp", "--out", str(out)]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, 300, (2, 10)))
+    with torch.no_grad():
+        got = float(reloaded(input_ids=ids, labels=ids, use_cache=False).loss)
+    assert got == pytest.approx(loss_without_sublayers(model_dir, ids, [0, 5]), abs=1e-5)
+    assert main(["prune", "--model", str(model_dir), "--sublayers", "0.attn,7.mlp", "--out", str(tmp_path / "q")]) == 2
+    assert "--sublayers names 7.mlp" in capsys.readouterr().err
+    assert main(["prune", "--model", str(model_dir), "--sublayers", "0.attn", "--layers", "1",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "give either --sublayers" in capsys.readouterr().err
