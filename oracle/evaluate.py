@@ -20,6 +20,9 @@ Example:
     >>> MaskedEvaluator(model, windows, utility="kl").loss(masks)   # mean KL to the dense model, nats/token
     >>> ev(masks)                                     # value function: -loss, higher = better
     >>> MaskedEvaluator(model, windows, players="sublayers").n_layers   # 2 x decoder layers: attention, MLP
+
+(Over 300 lines: the plain and prefix-sharing paths, the tiled head and the KL reference share one evaluator's
+state — windows, batches, tiles, players — and read best together.)
 """
 
 from __future__ import annotations
@@ -94,9 +97,8 @@ class MaskedEvaluator:
         cache_mb: prefix-cache budget in MiB (default 512 on CPU, 2048 on CUDA); 0 disables caching.
         token_chunk / vocab_chunk: loss tile size (tokens x vocabulary entries); ``vocab_chunk=None`` with
             ``token_chunk`` set gives the generic token-chunk path (NLL only).
-        players: ``blocks`` (a mask entry per decoder layer) or ``sublayers`` (two per layer: attention, MLP;
-            :mod:`.sublayers`). ``n_layers`` is the mask width (the game's player count), ``n_blocks`` the
-            decoder layer count.
+        players: ``blocks`` (a mask entry per decoder layer) or ``sublayers`` (attention and MLP, :mod:`.sublayers`);
+            ``n_layers`` is the mask width (the game's player count), ``n_blocks`` the decoder layer count.
 
     ``last_stats`` after each :meth:`measure`: layer forwards run and those a plain path would run (per window
     batch), cache slots and peak cache bytes.
@@ -141,11 +143,10 @@ class MaskedEvaluator:
         if utility not in UTILITIES:
             raise LayershapError(f"unknown utility {utility!r}; use one of {', '.join(UTILITIES)}")
         self.batch_size = batch_size
-        self.players = check_players(players)
-        self.n_blocks = find_layers(model).n_layers
+        self.players, self.n_blocks = check_players(players), find_layers(model).n_layers
         # Sublayer game: the three units per layer a run can hold (unsupported families refused here).
         self._units = unit_modules(model) if players == "sublayers" else None
-        self.n_layers = self.n_blocks * (2 if players == "sublayers" else 1)
+        self.n_layers = self.n_blocks * (2 if self._units is not None else 1)
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
         # A model sharded by a device map may keep its head on another GPU than the embeddings (self.device).
@@ -237,9 +238,8 @@ class MaskedEvaluator:
     def _measure_plain(self, arr: np.ndarray) -> list[torch.Tensor | None]:
         refs = self.reference() if self.utility == "kl" else None
         sums = self._sums(len(arr))
-        skip = skip_sublayers if self.players == "sublayers" else skip_layers
         for i, mask in enumerate(arr):
-            with skip(self.model, mask):
+            with (skip_sublayers if self._units is not None else skip_layers)(self.model, mask):
                 for b, ids in self._batches():
                     flat, targets = self._flat(self.backbone(input_ids=ids, use_cache=False).last_hidden_state, ids)
                     losses = self._token_losses(flat, targets, refs[b] if refs else None)
