@@ -39,8 +39,8 @@ from .sublayer_model import SPECS, SublayerSpec, branch
 PLAYERS = ("blocks", "sublayers")
 KINDS = ("attn", "mlp")
 __all__ = ["KINDS", "PLAYERS", "SPECS", "PartialLayer", "SublayerSpec", "blocks_to_sublayers", "branch",
-           "check_players", "player_names", "player_types", "skip_sublayers", "split_mask", "sublayer_spec",
-           "unit_masks", "unit_modules"]
+           "check_players", "player_names", "player_types", "removed_costs", "skip_sublayers", "split_mask",
+           "sublayer_costs", "sublayer_spec", "unit_masks", "unit_modules"]
 
 
 def check_players(players: str) -> str:
@@ -158,3 +158,43 @@ def skip_sublayers(model: nn.Module, mask: np.ndarray) -> Iterator[None]:
     kept = [int(u) for u in np.flatnonzero(units)]
     with bind_layers(model, [modules[u] for u in kept], [layer_of[u] for u in kept]):
         yield
+
+
+def sublayer_costs(model: nn.Module) -> dict[str, np.ndarray]:
+    """What each of the ``2n`` players costs, in player order: ``parameters`` (its branch's weights, norms
+    included), ``flops_per_token`` (2 x the weights of its linear projections: the multiply-adds one token
+    takes, attention scores over the context left out) and ``kv_cache_bytes_per_token`` (an attention's key and
+    value projections' outputs in the weights' dtype; 0 for an MLP), each ``int64[2n]``.
+
+    Example:
+        >>> sublayer_costs(model)["parameters"][:2]      # Gemma-3-270M layer 0: attention, MLP
+        array([1640192, 3933440])
+    """
+    spec = sublayer_spec(model)
+    costs: dict[str, list[int]] = {"parameters": [], "flops_per_token": [], "kv_cache_bytes_per_token": []}
+    for layer in find_layers(model).layers:
+        for attn in (True, False):
+            modules = [getattr(layer, name) for name in spec.modules(attn)]
+            costs["parameters"].append(sum(p.numel() for m in modules for p in m.parameters()))
+            costs["flops_per_token"].append(2 * sum(sub.weight.numel() for m in modules for sub in m.modules()
+                                                    if isinstance(sub, nn.Linear)))
+            kv = 0
+            if attn:
+                module = getattr(layer, spec.attn)
+                kv = sum(proj.out_features * proj.weight.element_size() for proj in (module.k_proj, module.v_proj))
+            costs["kv_cache_bytes_per_token"].append(kv)
+    return {key: np.array(values, dtype=np.int64) for key, values in costs.items()}
+
+
+def removed_costs(costs: dict[str, np.ndarray], removed: list[int]) -> dict[str, float | int]:
+    """Totals of ``costs`` (:func:`sublayer_costs`) over the ``removed`` players, and the parameters' and KV
+    cache's shares of the decoder's.
+
+    Example:
+        >>> removed_costs(sublayer_costs(model), [0, 6])["parameter_share"]
+    """
+    idx = np.asarray(removed, dtype=np.int64)
+    out: dict[str, float | int] = {key: int(values[idx].sum()) for key, values in costs.items()}
+    out["parameter_share"] = out["parameters"] / max(int(costs["parameters"].sum()), 1)
+    out["kv_cache_share"] = out["kv_cache_bytes_per_token"] / max(int(costs["kv_cache_bytes_per_token"].sum()), 1)
+    return out

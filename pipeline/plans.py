@@ -23,6 +23,7 @@ from layershap.oracle.measure import CachedOracle
 from layershap.oracle.positions import fit_seq_len
 from layershap.oracle.session import OracleSession, open_decision_blocks
 from layershap.oracle.store import DatasetStore
+from layershap.oracle.sublayers import removed_costs, sublayer_costs
 from layershap.pruning.budget import DECISION, PlanBudget, plan_budget
 from layershap.pruning.plan import find_plans
 from layershap.pruning.race import Z_DROP
@@ -119,6 +120,7 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
         for block in blocks:
             block.store.close()  # the decision stores' write locks; their rows stay readable
     full = float(oracle.loss(np.ones((1, n), dtype=bool))[0])
+    costs = sublayer_costs(session.loaded.model) if session.store.game == "sublayers" else None
     full_nll = _column(session.store, ())
     plans = []
     for k, p in sorted(result.plans.items()):
@@ -133,6 +135,7 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
             "runner_up": None if outcome is None or outcome.runner_up is None else list(outcome.runner_up),
             "margin_se": None if margin is None or math.isinf(margin) else margin,
             "separated": None if margin is None else bool(margin >= Z_DROP),
+            **({} if costs is None else {"removed_cost": removed_costs(costs, list(p.removed))}),
         })
     doc = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -207,6 +207,13 @@ def format_summary(summary: dict) -> str:
                                                             kind="stable")[: int(p["k"])]) for p in summary["plans"]}
     names = summary.get("players")
     lines.append(format_plans({**summary["plan_document"], "plans": summary["plans"]}, lowest, names))
+    for p in summary["plans"]:
+        cost = p.get("removed_cost")
+        if cost is not None:
+            lines.append(f"  K = {p['k']} removes {cost['parameter_share']:.1%} of the decoder parameters "
+                         f"({cost['parameters']:,}), {cost['flops_per_token']:,} FLOPs per token and "
+                         f"{cost['kv_cache_share']:.0%} of the KV cache ({cost['kv_cache_bytes_per_token']:,} "
+                         "bytes per token)")
     lines.append("depth reductions: " + "; ".join(
         f"{s['depth_reduction']:.0%} -> remove "
         f"{str([names[i] for i in s['layers']]).replace(chr(39), '') if names else s['layers']}"

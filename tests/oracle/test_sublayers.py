@@ -140,3 +140,26 @@ def test_a_sublayer_store_records_its_players_and_refuses_block_masks(tmp_path):
         assert store.players == ["0", "1", "2", "3"]
         with pytest.raises(MaskError, match="holds the blocks game: masks of 4 entries .one per decoder layer., not 8"):
             store.append(np.ones((1, 2 * N), bool), np.array([2.0]), np.array([0.1]))
+
+
+def test_sublayer_costs_of_a_gemma_layer():
+    """Attention: q, k, v, o, the q/k norms and both branch norms; MLP: gate, up, down and its two norms; the KV
+    cache holds a key and a value per kv head; counted from the config."""
+    from layershap.oracle.sublayers import removed_costs, sublayer_costs
+
+    model = make_tiny_model("gemma3", N)
+    c = model.config
+    linear_attn = 2 * c.hidden_size * c.num_attention_heads * c.head_dim + 2 * c.hidden_size * (
+        c.num_key_value_heads * c.head_dim)
+    attn = linear_attn + 2 * c.head_dim + 2 * c.hidden_size
+    linear_mlp = 3 * c.hidden_size * c.intermediate_size
+    mlp = linear_mlp + 2 * c.hidden_size
+    costs = sublayer_costs(model)
+    assert costs["parameters"].tolist() == [attn, mlp] * N
+    assert costs["parameters"].sum() == sum(p.numel() for p in model.model.layers.parameters())
+    assert costs["flops_per_token"].tolist() == [2 * linear_attn, 2 * linear_mlp] * N
+    assert costs["kv_cache_bytes_per_token"].tolist() == [2 * c.num_key_value_heads * c.head_dim * 4, 0] * N
+    removed = removed_costs(costs, [0, 2, 5])
+    assert removed["parameters"] == 2 * attn + mlp
+    assert removed["parameter_share"] == pytest.approx((2 * attn + mlp) / (N * (attn + mlp)))
+    assert removed["kv_cache_share"] == pytest.approx(2 / N)

@@ -72,6 +72,24 @@ def test_run_sublayers_end_to_end(tmp_path, capsys, monkeypatch):
         assert len(p["removed"]) == p["k"]
         assert p["perplexity"] == pytest.approx(math.exp(loss_without_sublayers(model_dir, windows, p["removed"])),
                                                 rel=1e-5)
+    # each plan reports what it removes: parameters, FLOPs and KV cache of its sublayers, counted on the model
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = model.config
+    head = config.hidden_size // config.num_attention_heads
+    attn_params = (2 * config.hidden_size * config.hidden_size + 2 * config.hidden_size * config.num_key_value_heads
+                   * head + config.hidden_size)  # q, o; k, v; input norm
+    mlp_params = 3 * config.hidden_size * config.intermediate_size + config.hidden_size
+    total = config.num_hidden_layers * (attn_params + mlp_params)
+    kv = 2 * config.num_key_value_heads * head * 4
+    for p in summary["plans"]:
+        n_attn = sum(1 for i in p["removed"] if i % 2 == 0)
+        params = n_attn * attn_params + (len(p["removed"]) - n_attn) * mlp_params
+        cost = p["removed_cost"]
+        assert cost["parameters"] == params and cost["parameter_share"] == pytest.approx(params / total)
+        assert cost["kv_cache_bytes_per_token"] == n_attn * kv and cost["kv_cache_share"] == pytest.approx(n_attn / 4)
+        assert cost["flops_per_token"] == 2 * (params - n_attn * config.hidden_size
+                                               - (len(p["removed"]) - n_attn) * config.hidden_size)
+        assert f"K = {p['k']} removes {params / total:.1%} of the decoder parameters" in printed
     # scores per sublayer; ranks follow them
     order = np.argsort([r["score"] for r in summary["layers"]], kind="stable")
     assert [summary["layers"][i]["rank"] for i in order] == list(range(1, 9))
