@@ -143,3 +143,19 @@ def test_prune_named_sublayers_cli(tmp_path, capsys, monkeypatch):
     assert main(["prune", "--model", str(model_dir), "--sublayers", "0.attn", "--layers", "1",
                  "--out", str(tmp_path / "r")]) == 2
     assert "give either --sublayers" in capsys.readouterr().err
+
+
+def test_plan_cli_on_the_sublayer_game(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", "gemma3", 3, seed=5)
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", str(model_dir), "--out", str(out), "--remove", "1,2", "--windows", "2",
+                 "--seq-len", "16", "--players", "sublayers", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "plans.json").read_text())
+    assert doc["game"] == "sublayers" and doc["n_layers"] == 6 and len(doc["players"]) == 6
+    windows = DatasetStore.open(out / "dataset.zarr").windows
+    for p in doc["plans"]:
+        assert len(p["removed"]) == p["k"]
+        assert p["loss"] == pytest.approx(loss_without_sublayers(model_dir, windows, p["removed"]), abs=1e-5)
+        assert f"[{', '.join(doc['players'][i] for i in p['removed'])}]" in printed
