@@ -163,3 +163,18 @@ def test_sublayer_costs_of_a_gemma_layer():
     assert removed["parameters"] == 2 * attn + mlp
     assert removed["parameter_share"] == pytest.approx((2 * attn + mlp) / (N * (attn + mlp)))
     assert removed["kv_cache_share"] == pytest.approx(2 / N)
+
+
+def test_kl_utility_on_sublayer_masks(one_thread):
+    """KL(dense || masked) of sublayer masks: 0 for the full mask, else the divergence computed from the logits
+    of the zero-module copy (the tiny vocabulary is below top-k, so the stored KL is exact)."""
+    model = make_tiny_model("qwen3", N, seed=2)
+    ids = torch.as_tensor(np.random.default_rng(4).integers(3, 300, (2, 10)))
+    masks = np.array([np.ones(2 * N), [1, 1, 0, 1, 1, 0, 1, 1]], bool)
+    got = MaskedEvaluator(model, ids, players="sublayers", utility="kl").loss(masks)
+    with torch.no_grad():
+        dense = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].double(), -1)
+    masked = torch.log_softmax(reference_logits(model, ids, masks[1])[:, :-1].double(), -1)
+    want = float((dense.exp() * (dense - masked)).sum(-1).mean())
+    assert got[0] == pytest.approx(0.0, abs=1e-9)
+    assert got[1] == pytest.approx(want, rel=1e-4) and want > 1e-3
