@@ -102,6 +102,15 @@ def test_run_sublayers_end_to_end(tmp_path, capsys, monkeypatch):
     assert float(line.split()[1]) == pytest.approx(summary["layers"][4]["score"], abs=1e-4)
     assert float(line.split()[5]) == pytest.approx(summary["layers"][5]["score"], abs=1e-4)
 
+    # layershap info names the removed sublayers of the best and worst masks
+    capsys.readouterr()
+    assert main(["info", str(out / "dataset.zarr"), "--top", "2"]) == 0
+    info_text = capsys.readouterr().out
+    worst = int(np.argmax(store.nll))
+    assert "removed sublayers" in info_text and "rows per removed-sublayer count:" in info_text
+    assert ", ".join(store.players[i] for i in np.flatnonzero(~store.masks[worst])) in info_text
+    assert "players          8: 0.attn, 0.mlp, 1.attn, 1.mlp, ..., 3.mlp" in info_text
+
     # a blocks run into the same store is refused in one line; nothing is written
     rows = len(store)
     capsys.readouterr()
