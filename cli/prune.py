@@ -11,6 +11,8 @@ Example:
     $ layershap prune --model gemma-3-270m --scores runs/gemma-3-270m/scores.json --remove 4 --by-score --out p/
     $ layershap prune --model ./my-llama --layers 3,7,9 --out my-llama-pruned/
     $ layershap prune --model gemma-3-270m --layers 6,7,8,9 --heal linear --out healed-14/
+    $ layershap prune --model ./my-llama --sublayers 3.attn,7.attn,9.mlp --out my-llama-sub/
+    $ layershap prune --model ./my-llama --plans runs/llama-sub --remove 6 --out p/  # a --players sublayers run
     $ layershap evaluate --model pruned-14/ --text heldout.txt
 """
 
@@ -33,6 +35,7 @@ def prune(
     scores: str | None = None,
     by_score: bool = False,
     layers: list[int] | None = None,
+    sublayers: str | None = None,
     loading: LoadOptions = CPU_LOADING,
     heal: str | None = None,
     text: str = "builtin",
@@ -56,6 +59,8 @@ def prune(
         scores: scores JSON of this model (from `layershap shapley` or `layershap run`), for --by-score.
         by_score: remove the K least important layers of the scores' ranking instead of the verified plan.
         layers: remove exactly these 0-based layers instead, e.g. 3,7,9 (no scores needed).
+        sublayers: remove exactly these attention / MLP sublayers, e.g. 3.attn,7.attn,9.mlp; a layer keeping
+            one of its two is saved with custom code (reload with trust_remote_code=True).
         loading: how to load the model (--device, default cpu; --dtype: the dtype of the saved model;
             --device-map: for a model larger than the host memory, shard it over the GPUs).
         heal: heal each removed span training-free: bias (its mean update), linear (ReplaceMe's ridge
@@ -77,7 +82,8 @@ def prune(
     from layershap.oracle.identity import check_same_model
     from layershap.oracle.layers import find_layers
     from layershap.oracle.loading import load_model
-    from layershap.oracle.prune import PRUNE_INFO_FILE, save_pruned_model
+    from layershap.oracle.prune import PRUNE_INFO_FILE, save_pruned_model, save_sublayer_pruned_model
+    from layershap.oracle.sublayers import player_names
     from layershap.pipeline.plans import plan_for, read_plans
     from layershap.shapley.scores_io import read_scores
 
@@ -91,7 +97,12 @@ def prune(
         from layershap.pruning.heal import parse_method
 
         parse_method(heal)  # a bad method fails before the model loads
-    if layers is not None:
+        if sublayers is not None:
+            raise LayershapError("--heal heals removed whole layers; leave it out with --sublayers")
+    if sublayers is not None:  # the names are checked against the model once it is loaded
+        if layers is not None or remove is not None or plans is not None or scores is not None or by_score:
+            raise LayershapError("give either --sublayers, or --remove K (with --plans, or --scores and --by-score)")
+    elif layers is not None:
         if scores is not None or remove is not None or plans is not None or by_score:
             raise LayershapError("give either --layers, or --remove K (with --plans, or --scores and --by-score)")
         if not layers:
@@ -109,10 +120,21 @@ def prune(
     # bad files fail before the model loads
     record = read_scores(scores) if by_score else None
     plan_doc = read_plans(plans) if plans is not None and not by_score else None
+    game = "sublayers" if sublayers is not None or (plan_doc or {}).get("game") == "sublayers" else "blocks"
     loaded = load_model(model, **loading.as_kwargs())
-    n = find_layers(loaded.model).n_layers
+    blocks = find_layers(loaded.model).n_layers
+    names = player_names(blocks) if game == "sublayers" else [str(i) for i in range(blocks)]
+    n = len(names)
     current = {"model_id": loaded.model_id, "model_hash": loaded.model_hash, "n_layers": n}
-    if layers is not None:
+    if sublayers is not None:
+        wanted = [name.strip() for name in sublayers.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in names]
+        if unknown or not wanted:
+            raise LayershapError(f"--sublayers names {', '.join(unknown) or 'nothing'}: give names like 3.attn,7.mlp "
+                                 f"(layers 0..{blocks - 1})")
+        removed, source = sorted({names.index(name) for name in wanted}), {
+            "selection": "sublayers given on the command line"}
+    elif layers is not None:
         removed, source = sorted(layers), {"selection": "layers given on the command line"}
     elif plan_doc is not None:
         check_same_model({k: plan_doc.get(k) for k in current}, current, what=str(plans),
@@ -138,15 +160,26 @@ def prune(
         }
     mask = masks_from_removed(removed, n)[0]
     info = {"model_id": loaded.model_id, "model_hash": loaded.model_hash, **source}
-    if heal is None:
+    if game == "sublayers":
+        if heal is not None:
+            raise LayershapError("--heal heals removed whole layers; a sublayer plan is pruned without it")
+        written = save_sublayer_pruned_model(loaded.model, loaded.tokenizer, mask, out, info)
+        gone = ", ".join(names[i] for i in removed)
+        print(f"removed sublayers {gone} of {blocks} layers' {n} ({source['selection']}); {n - len(removed)} "
+              "sublayers left")
+    elif heal is None:
         written = save_pruned_model(loaded.model, loaded.tokenizer, mask, out, info)
+        print(f"removed layers {removed} of {n} ({source['selection']}); {n - len(removed)} layers left")
     else:
         written = _heal_and_save(loaded, removed, out, info, heal, text, windows, seq_len, seed, ridge, progress,
                                  {"steps": steps, "lr": lr, "lora_rank": lora_rank})
-    print(f"removed layers {removed} of {n} ({source['selection']}); {n - len(removed)} layers left")
+        print(f"removed layers {removed} of {n} ({source['selection']}); {n - len(removed)} layers left")
     remote = json.loads((written / PRUNE_INFO_FILE).read_text())["trust_remote_code"]
     reload = ("AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True): it needs the "
               "custom code saved beside it" if remote else "AutoModelForCausalLM.from_pretrained")
+    if remote and game == "sublayers":
+        reload = ("AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True): its layers without attention "
+                  "or MLP need the custom code saved beside it")
     print(f"wrote {written} (reload with {reload}, or `layershap evaluate --model {written}`)")
     return 0
 
