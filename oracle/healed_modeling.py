@@ -16,7 +16,7 @@ architecture cannot express, and names one of its ``Healed*`` classes in the con
 
 Example:
     >>> patch = HealPatch(hidden_size=4, linear=True, bias=True)
-    >>> install_patch(model.model.layers[2], "mlp", patch)      # layer 2's MLP output now goes through it
+    >>> install_patch(model.model.layers[2], "mlp", patch)      # layer 2's MLP output now goes through it  # doctest: +SKIP
 """
 
 import torch

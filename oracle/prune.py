@@ -164,7 +164,7 @@ def save_sublayer_pruned_model(
     custom code ``sublayer_model.py`` named in the config's ``auto_map`` (reload with ``trust_remote_code=True``).
 
     Example:
-        >>> save_sublayer_pruned_model(model, tokenizer, np.array([1, 1, 0, 1, 1, 0, 1, 1], bool), "pruned/")
+        >>> save_sublayer_pruned_model(model, tokenizer, np.array([1, 1, 0, 1, 1, 0, 1, 1], bool), "pruned/")  # doctest: +SKIP
     """
     from .sublayer_model import SAVED_BASES, partial_layers
     from .sublayers import player_names, split_mask, sublayer_spec

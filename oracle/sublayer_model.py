@@ -15,8 +15,8 @@ dropped: no weights). A layer without attention holds no KV cache (a ``DummyLaye
 ``trust_remote_code=True``; without it the unknown ``model_type`` fails instead of building a wrong model.
 
 Example:
-    >>> model = AutoModelForCausalLM.from_pretrained("pruned/", trust_remote_code=True)
-    >>> model.config.layershap_no_attention
+    >>> model = AutoModelForCausalLM.from_pretrained("pruned/", trust_remote_code=True)  # doctest: +SKIP
+    >>> model.config.layershap_no_attention  # doctest: +SKIP
     [2, 5]
 """
 

@@ -16,7 +16,7 @@ Example:
     >>> names = player_names(2)
     >>> names
     ['0.attn', '0.mlp', '1.attn', '1.mlp']
-    >>> with skip_sublayers(model, np.array([True, True, False, True])):   # layer 1 runs its MLP only
+    >>> with skip_sublayers(model, np.array([True, True, False, True])):   # layer 1 runs its MLP only  # doctest: +SKIP
     ...     out = model(input_ids, use_cache=False)
 """
 
@@ -121,7 +121,7 @@ class PartialLayer(LayerWrapper):
     with the layer's own modules; attribute reads it does not answer go to the layer (``attention_type``).
 
     Example:
-        >>> PartialLayer(model.model.layers[0], sublayer_spec(model), attn=False)(hidden)   # hidden + MLP branch
+        >>> PartialLayer(model.model.layers[0], sublayer_spec(model), attn=False)(hidden)   # hidden + MLP branch  # doctest: +SKIP
     """
 
     def __init__(self, layer: nn.Module, spec: SublayerSpec, attn: bool) -> None:
@@ -167,7 +167,7 @@ def sublayer_costs(model: nn.Module) -> dict[str, np.ndarray]:
     value projections' outputs in the weights' dtype; 0 for an MLP), each ``int64[2n]``.
 
     Example:
-        >>> sublayer_costs(model)["parameters"][:2]      # Gemma-3-270M layer 0: attention, MLP
+        >>> sublayer_costs(model)["parameters"][:2]      # Gemma-3-270M layer 0: attention, MLP  # doctest: +SKIP
         array([1640192, 3933440])
     """
     spec = sublayer_spec(model)
@@ -191,7 +191,7 @@ def removed_costs(costs: dict[str, np.ndarray], removed: list[int]) -> dict[str,
     cache's shares of the decoder's.
 
     Example:
-        >>> removed_costs(sublayer_costs(model), [0, 6])["parameter_share"]
+        >>> removed_costs(sublayer_costs(model), [0, 6])["parameter_share"]  # doctest: +SKIP
     """
     idx = np.asarray(removed, dtype=np.int64)
     out: dict[str, float | int] = {key: int(values[idx].sum()) for key, values in costs.items()}

@@ -13,9 +13,9 @@ Two forms, picked per architecture and method:
   ``trust_remote_code=True`` (``layershap_prune.json`` says so).
 
 Example:
-    >>> healing = fit_healing(model, windows, [7, 8], "linear")
-    >>> save_healed_model(model, tokenizer, healing, "healed/")    # prunes and heals ``model`` in place
-    >>> AutoModelForCausalLM.from_pretrained("healed/")           # fused form: plain transformers
+    >>> healing = fit_healing(model, windows, [7, 8], "linear")  # doctest: +SKIP
+    >>> save_healed_model(model, tokenizer, healing, "healed/")    # prunes and heals ``model`` in place  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained("healed/")           # fused form: plain transformers  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def saved_form(model_type: str, healing: Healing) -> str:
     """``"fused"`` when the standard architecture expresses the healed model exactly, else ``"custom code"``.
 
     Example:
-        >>> healing = fit_healing(model, windows, [7, 8], "linear")
-        >>> saved_form("llama", healing), saved_form("gemma3_text", healing)
+        >>> healing = fit_healing(model, windows, [7, 8], "linear")  # doctest: +SKIP
+        >>> saved_form("llama", healing), saved_form("gemma3_text", healing)  # doctest: +SKIP
         ('fused', 'custom code')
     """
     has_bias = any(s.bias is not None for s in healing.spans)
@@ -89,8 +89,8 @@ def save_healed_model(model: nn.Module, tokenizer: Any | None, healing: Healing,
     with the tokenizer and ``layershap_prune.json`` (the usual pruning record plus ``"healing"``).
 
     Example:
-        >>> out = save_healed_model(model, tokenizer, healing, "healed/", {"model_id": "gemma-3-270m"})
-        >>> AutoModelForCausalLM.from_pretrained(out, **remote_code_option(out))
+        >>> out = save_healed_model(model, tokenizer, healing, "healed/", {"model_id": "gemma-3-270m"})  # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained(out, **remote_code_option(out))  # doctest: +SKIP
     """
     out = check_out_dir(out_dir)
     model_type = model.config.model_type

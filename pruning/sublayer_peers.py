@@ -8,9 +8,9 @@
   averaged over tokens; drop the ``k`` attentions of lowest importance. One pass.
 
 Example:
-    >>> imp = attention_importance(model, windows)                  # float64[n], one pass
-    >>> attention_drop(imp, 3)                                      # players (2i) of the 3 least important
-    >>> blockpruner(MaskedEvaluator(model, windows, players="sublayers"), 2 * n, 4).removal(4)
+    >>> imp = attention_importance(model, windows)                  # float64[n], one pass  # doctest: +SKIP
+    >>> attention_drop(imp, 3)                                      # players (2i) of the 3 least important  # doctest: +SKIP
+    >>> blockpruner(MaskedEvaluator(model, windows, players="sublayers"), 2 * n, 4).removal(4)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def attention_importance(model: nn.Module, windows: np.ndarray | torch.Tensor, b
     layer's attention branch is run once more on the input its layer received, with the same mask and rope).
 
     Example:
-        >>> attention_importance(model, windows).argsort()[:3]      # the 3 most droppable attentions
+        >>> attention_importance(model, windows).argsort()[:3]      # the 3 most droppable attentions  # doctest: +SKIP
     """
     spec = sublayer_spec(model)
     handle = find_layers(model)
@@ -87,7 +87,7 @@ def blockpruner(value: ValueFunction, n_players: int, k_max: int, progress: bool
     to values (higher = better, e.g. ``MaskedEvaluator(..., players="sublayers")``).
 
     Example:
-        >>> blockpruner(evaluator, 36, 6).removal(6)
+        >>> blockpruner(evaluator, 36, 6).removal(6)  # doctest: +SKIP
     """
     if n_players % 2:
         raise LayershapError(f"a sublayer game has an even number of players (attention, MLP per layer), not "
