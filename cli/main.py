@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "shapley": "layer Shapley values / semivalues from a trained surrogate",
     "plan": "verified depth-pruning plans: the best K layers to remove, measured, chosen on validation windows",
     "prune": "write a depth-pruned Hugging Face model (the verified plan, or --by-score)",
+    "heal": "write a depth-pruned model healed: bias, linear (ReplaceMe), lowrank:R patches or LoRA distill",
     "evaluate": "perplexity of a model on held-out text",
     "compare": "layershap vs peer pruning methods on held-out text",
     "export": "per-layer sparsity ratios for Wanda/SparseGPT-style pruners",

@@ -6,9 +6,12 @@ Example:
     $ layershap oracle --model gemma-3-270m --text builtin --masks loo --out runs/g270m.zarr
     $ layershap oracle --model ./my-llama --masks stratified --n-masks 256 --out runs/llama.zarr --seq-len 256
     $ layershap oracle --model ./my-llama --masks stratified --n-masks 8000 --out llama.zarr --workers 8
+    $ layershap oracle --model ./my-llama --players sublayers --masks stratified --out llama-sub.zarr
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
 from layershap.core.errors import LayershapError
@@ -33,6 +36,7 @@ def oracle(
     workers: int | None = None,
     ray_address: str | None = None,
     progress: bool = True,
+    players: Literal["blocks", "sublayers"] = "blocks",
 ) -> int:
     """Measure log-perplexity of layer masks into a zarr store (created, or extended/resumed when it exists).
 
@@ -56,6 +60,8 @@ def oracle(
         ray_address: Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster); needs --workers.
             With --device-map each worker shards its model over its GPUs.
         progress: show the progress bar.
+        players: blocks = a mask entry per decoder layer; sublayers = two per layer (entry 2i: layer i's
+            attention, 2i+1: its MLP), each skipped on its own (Llama, Mistral, Qwen 2/3, Gemma 2/3).
     """
     import time
     from pathlib import Path
@@ -72,6 +78,8 @@ def oracle(
     positive("workers", workers)
     if ray_address is not None and workers is None:
         raise LayershapError("--ray-address needs --workers N (the number of Ray workers to start there)")
+    if workers is not None and players != "blocks":
+        raise LayershapError("--workers measures the blocks game only; drop --workers for --players sublayers")
     started = time.perf_counter()
     if workers is not None:
         before = len(DatasetStore.open(out)) if Path(out).exists() else 0
@@ -83,7 +91,7 @@ def oracle(
     else:
         with open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
                           seq_len=seq_len, seed=seed, loading=loading, batch_size=batch_size,
-                          cache_mb=cache_mb) as session:
+                          cache_mb=cache_mb, players=players) as session:
             store = session.store
             added = measure_masks(session.evaluator, store, session.masks, progress=progress,
                                   masks_per_call=masks_per_call)

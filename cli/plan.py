@@ -9,6 +9,7 @@ pruned model.
 Example:
     $ layershap plan                                        # Gemma-3-270M, K = 1..5, into runs/gemma-3-270m
     $ layershap plan --model ./my-llama --text calib.txt --remove 4,8 --tokens 400000 --out runs/my-llama
+    $ layershap plan --model ./my-llama --players sublayers --remove 4,8 --out runs/my-llama-sub
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def plan(
     batch_size: int = 4,
     cache_mb: int | None = None,
     progress: bool = True,
+    players: Literal["blocks", "sublayers"] = "blocks",
 ) -> int:
     """Verified depth-pruning plans: best removal sets per K, measured, decided on fresh windows.
 
@@ -53,6 +55,7 @@ def plan(
         batch_size: windows per forward pass.
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
         progress: show progress bars.
+        players: blocks = decoder layers; sublayers = each layer's attention and MLP apart (K counts sublayers).
     """
     from pathlib import Path
 
@@ -70,10 +73,10 @@ def plan(
     folder.mkdir(parents=True, exist_ok=True)
     with open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr", windows=windows,
                       seq_len=seq_len, seed=seed, loading=loading, batch_size=batch_size, cache_mb=cache_mb,
-                      utility=utility) as session:
+                      utility=utility, players=players) as session:
         doc = run_plans(session, text=text, out=folder, ks=remove, total_tokens=tokens, seed=seed,
                         batch_size=batch_size, cache_mb=cache_mb, progress=progress)
-    print(format_plans(doc))
+    print(format_plans(doc, names=doc.get("players")))
     print(f"wrote {folder / 'plans.json'}; prune with `layershap prune --model {model} --plans {folder} "
           f"--remove K --out DIR`")
     return 0

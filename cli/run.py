@@ -9,6 +9,7 @@ Example:
     $ layershap run                                   # Gemma-3-270M on Python's docs, CPU defaults
     $ layershap run --model ./my-llama --text calib.txt --utility kl --out runs/llama
     $ layershap run --print_config > run.yaml; layershap run --config run.yaml
+    $ layershap run --model ./my-llama --players sublayers      # attention and MLP of each layer as players
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def run(
     remove: list[int] | None = None,
     tokens: int | None = None,
     utility: Literal["nll", "kl"] = "nll",
+    players: Literal["blocks", "sublayers"] = "blocks",
     register: bool = True,
     progress: bool = True,
 ) -> int:
@@ -67,6 +69,8 @@ def run(
             the plan search in proportion).
         utility: what a mask's loss is: nll (token NLL of the text) or kl (KL to the dense model's next-token
             distributions).
+        players: blocks = decoder layers; sublayers = each layer's attention and MLP apart (2n players: entry 2i
+            is layer i's attention, 2i+1 its MLP; --remove counts sublayers; Llama, Mistral, Qwen 2/3, Gemma 2/3).
         register: add the trained surrogate to the registry (`layershap registry list`).
         progress: show progress bars.
     """
@@ -84,5 +88,6 @@ def run(
     run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
                  sampling=sampling, active_rows=active_rows, windows=windows, seq_len=seq_len, seed=seed,
                  loading=loading, batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden,
-                 tokens=tokens, remove=remove, utility=utility, register=register, progress=progress)
+                 tokens=tokens, remove=remove, utility=utility, players=players, register=register,
+                 progress=progress)
     return 0

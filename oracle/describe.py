@@ -48,6 +48,8 @@ def describe_store(store: DatasetStore, top: int = 5) -> str:
         if key == "n_rows":
             continue
         value = layer_types_text(attrs[key]) if key == "layer_types" else attrs[key]
+        if key == "players":  # the sublayer game's entry names, in mask order
+            value = f"{len(value)}: {', '.join(value[:4])}, ..., {value[-1]}" if len(value) > 5 else ", ".join(value)
         lines.append(f"  {key:16s} {value}")
     n = len(store)
     lines.append(f"rows: {n}")
@@ -58,21 +60,28 @@ def describe_store(store: DatasetStore, top: int = 5) -> str:
     lines.append(f"measuring time: {seconds.sum():.1f} s in all, {seconds.mean():.3g} s per mask")
     order = np.argsort(nll, kind="stable")
     k = min(top, n)
-    width = max(len("removed layers"), *(len(removed_text(m)) for m in masks[order[:k]]),
-                *(len(removed_text(m)) for m in masks[order[n - k:]]))
-    header = f"  {'removed layers':{width}s}  {'nll':>9s}  {'perplexity':>11s}"
+    names, what = (store.players, "sublayers") if store.game == "sublayers" else (None, "layers")
+
+    def gone(mask: np.ndarray) -> str:
+        if names is None:
+            return removed_text(mask)
+        return ", ".join(names[i] for i in np.flatnonzero(~mask)) or "none"
+
+    width = max(len(f"removed {what}"), *(len(gone(m)) for m in masks[order[:k]]),
+                *(len(gone(m)) for m in masks[order[n - k:]]))
+    header = f"  {f'removed {what}':{width}s}  {'nll':>9s}  {'perplexity':>11s}"
 
     def table(title: str, rows: np.ndarray) -> None:
         lines.append(title)
         lines.append(header)
         for i in rows:
-            lines.append(f"  {removed_text(masks[i]):{width}s}  {nll[i]:9.4f}  {perplexity_text(nll[i]):>11s}")
+            lines.append(f"  {gone(masks[i]):{width}s}  {nll[i]:9.4f}  {perplexity_text(nll[i]):>11s}")
 
     if k:
         table(f"best {k} masks (lowest nll):", order[:k])
         table(f"worst {k} masks (highest nll):", order[::-1][:k])
     removed = (~masks).sum(axis=1)
-    lines.append("rows per removed-layer count:")
+    lines.append("rows per removed-layer count:" if names is None else "rows per removed-sublayer count:")
     lines.append(f"  {'removed':>7s}  {'rows':>6s}  {'median nll':>10s}")
     for r in np.unique(removed):
         sel = nll[removed == r]

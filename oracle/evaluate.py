@@ -19,6 +19,10 @@ Example:
     >>> ev.measure(masks).nll.shape                   # (k, W): per-window means  # doctest: +SKIP
     >>> MaskedEvaluator(model, windows, utility="kl").loss(masks)   # mean KL to the dense model, nats/token  # doctest: +SKIP
     >>> ev(masks)                                     # value function: -loss, higher = better  # doctest: +SKIP
+    >>> MaskedEvaluator(model, windows, players="sublayers").n_layers   # 2 x decoder layers: attention, MLP  # doctest: +SKIP
+
+(Over 300 lines: the plain and prefix-sharing paths, the tiled head and the KL reference share one evaluator's
+state — windows, batches, tiles, players — and read best together.)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .layers import find_layers, skip_layers
 from .measurement import DEFAULT_TOP_K, UTILITIES, Measurement
 from .positions import position_limit
 from .prefix import PrefixRunner, plan_prefix_runs
+from .sublayers import check_players, skip_sublayers, unit_masks, unit_modules
 
 # Largest logits tile (tokens x vocab elements) materialised at once. Small tiles on CPU stay in cache.
 TILE_ELEMENTS = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
@@ -92,6 +97,8 @@ class MaskedEvaluator:
         cache_mb: prefix-cache budget in MiB (default 512 on CPU, 2048 on CUDA); 0 disables caching.
         token_chunk / vocab_chunk: loss tile size (tokens x vocabulary entries); ``vocab_chunk=None`` with
             ``token_chunk`` set gives the generic token-chunk path (NLL only).
+        players: ``blocks`` (a mask entry per decoder layer) or ``sublayers`` (attention and MLP, :mod:`.sublayers`);
+            ``n_layers`` is the mask width (the game's player count), ``n_blocks`` the decoder layer count.
 
     ``last_stats`` after each :meth:`measure`: layer forwards run and those a plain path would run (per window
     batch), cache slots and peak cache bytes.
@@ -110,6 +117,7 @@ class MaskedEvaluator:
         cache_mb: float | None = None,
         token_chunk: int | None = None,
         vocab_chunk: int | None = None,
+        players: str = "blocks",
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device if device is None else torch.device(device)
@@ -135,7 +143,10 @@ class MaskedEvaluator:
         if utility not in UTILITIES:
             raise LayershapError(f"unknown utility {utility!r}; use one of {', '.join(UTILITIES)}")
         self.batch_size = batch_size
-        self.n_layers = find_layers(model).n_layers
+        self.players, self.n_blocks = check_players(players), find_layers(model).n_layers
+        # Sublayer game: the three units per layer a run can hold (unsupported families refused here).
+        self._units = unit_modules(model) if players == "sublayers" else None
+        self.n_layers = self.n_blocks * (2 if self._units is not None else 1)
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
         # A model sharded by a device map may keep its head on another GPU than the embeddings (self.device).
@@ -184,7 +195,7 @@ class MaskedEvaluator:
         """The dense model's top-k next-token distributions per window batch (one full-model pass, kept)."""
         if self._reference is None:
             refs = []
-            full = np.ones(self.n_layers, dtype=bool)
+            full = np.ones(self.n_blocks, dtype=bool)
             for _, ids in self._batches():
                 with skip_layers(self.model, full):  # as every mask runs (e.g. RWKV's blocks unrescaled)
                     hidden = self.backbone(input_ids=ids, use_cache=False).last_hidden_state
@@ -228,19 +239,22 @@ class MaskedEvaluator:
         refs = self.reference() if self.utility == "kl" else None
         sums = self._sums(len(arr))
         for i, mask in enumerate(arr):
-            with skip_layers(self.model, mask):
+            with (skip_sublayers if self._units is not None else skip_layers)(self.model, mask):
                 for b, ids in self._batches():
                     flat, targets = self._flat(self.backbone(input_ids=ids, use_cache=False).last_hidden_state, ids)
                     losses = self._token_losses(flat, targets, refs[b] if refs else None)
                     self._add(sums, [i], b, ids.shape[0], *losses)
-        self.last_stats = {"layer_runs": int(arr.sum()), "plain_layer_runs": int(arr.sum()),
+        runs = int((unit_masks(arr) if self._units is not None else arr).sum())  # decoder-layer forwards
+        self.last_stats = {"layer_runs": runs, "plain_layer_runs": runs,
                            "slots": 0, "peak_cache_bytes": 0}
         return sums
 
     def _measure_shared(self, arr: np.ndarray) -> list[torch.Tensor | None]:
         refs = self.reference() if self.utility == "kl" else None
-        plan = plan_prefix_runs(arr, max_slots=self.cache_bytes // self.slot_bytes)
-        runner = PrefixRunner(self.model, self.cache_bytes)
+        # Sublayer masks share prefixes over their units (a whole layer, its attention only, its MLP only).
+        units = unit_masks(arr) if self._units is not None else arr
+        plan = plan_prefix_runs(units, max_slots=self.cache_bytes // self.slot_bytes)
+        runner = PrefixRunner(self.model, self.cache_bytes, units=self._units)
         sums = self._sums(len(plan.unique))
         for b, ids in self._batches():
             runner.reset()
@@ -258,7 +272,7 @@ class MaskedEvaluator:
             if pending:
                 self._flush(pending, rows, b, ids, ref, sums)
         runner.reset()
-        self.last_stats = {"layer_runs": plan.layer_runs, "plain_layer_runs": int(arr.sum()),
+        self.last_stats = {"layer_runs": plan.layer_runs, "plain_layer_runs": int(units.sum()),
                            "slots": plan.max_slots, "peak_cache_bytes": runner.peak_bytes}
         index = torch.as_tensor(plan.inverse, device=self.device)
         return [None if total is None else total[index] for total in sums]

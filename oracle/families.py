@@ -40,6 +40,7 @@ from torch import nn
 from layershap.core.errors import UnsupportedModelError
 
 from .family_base import Family, LayerWrapper, StateSpace, Transformer, is_derived, resolve, text_config
+from .healed_modeling import BASES as HEALED_BASES
 from .hybrid_families import Bamba, Jamba, Rwkv, Zamba2
 
 __all__ = ["FAMILIES", "LAYER_PATHS", "Family", "LayerWrapper", "family_of", "resolve", "supported_types",
@@ -70,7 +71,9 @@ FAMILIES: tuple[Family, ...] = (
     Transformer({"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
                  "qwen3": "model.layers", "gemma2": "model.layers", "gemma3_text": "model.layers",
                  "gemma3": "model.language_model.layers", "phi3": "model.layers", "gpt2": "transformer.h",
-                 "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers"}),
+                 "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers",
+                 # healed depth-pruned models saved as custom code (oracle/healed_modeling.py)
+                 **{f"layershap_healed_{t}": "model.layers" for t in HEALED_BASES}}),
     StateSpace({"mamba": "backbone.layers", "mamba2": "backbone.layers", "falcon_mamba": "backbone.layers"}),
     Rwkv({"rwkv": "rwkv.blocks"}),
     Jamba({"jamba": "model.layers", "layershap_explicit_jamba": "model.layers"}),

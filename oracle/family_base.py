@@ -92,6 +92,11 @@ class Family:
         types = getattr(config, "layer_types", None)
         if types is not None and not is_derived(config, "layer_types"):
             values[field_name(config, "layer_types")] = [types[j] for j in kept]
+        heal = getattr(config, "layershap_heal", None)
+        if heal:  # a healed model (layershap heal): its patches ride on kept layers, renumbered with them
+            patches = heal.get("patches", {})
+            values["layershap_heal"] = {**heal, "patches": {str(new): patches[str(old)] for new, old in
+                                                            enumerate(kept) if str(old) in patches}}
         max_window = getattr(config, "max_window_layers", None)
         if isinstance(max_window, int) and not isinstance(max_window, bool):
             # Qwen 2/3: layers at index >= max_window_layers use sliding windows; kept ones stay in order

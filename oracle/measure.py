@@ -28,6 +28,7 @@ from .loading import LoadedModel
 from .measurement import Measurement
 from .prefix import trie_order
 from .store import DatasetStore
+from .sublayers import check_players, player_names, player_types
 from .text import windows_sha256
 
 # Masks per evaluator call, taken in trie order: 128 stratified masks of an 18-layer model need 920 layer
@@ -39,7 +40,10 @@ MASKS_PER_CALL = 32
 def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq_len: int, *,
                      game: str = "blocks", utility: str = "nll") -> dict:
     """The identity attributes of a store measured with ``loaded`` on ``windows`` cut from text ``text_id``
-    (``game``: what a False in a mask removes; ``utility``: what a row measures).
+    (``game``: what a False in a mask removes, ``blocks`` or ``sublayers``; ``utility``: what a row measures).
+
+    A ``sublayers`` identity has ``n_layers`` = the mask width (two players per decoder layer), per-player
+    ``layer_types`` (the layer's attention type, or ``mlp``) and the player names (``players``).
 
     Example:
         >>> ident = dataset_identity(loaded, "builtin", windows, seq_len=128)  # doctest: +SKIP
@@ -47,11 +51,14 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
     """
     model = loaded.model
     windows = np.asarray(windows)
+    check_players(game)
+    n_blocks = find_layers(model).n_layers
+    sublayers = game == "sublayers"
     return {
         "model_id": loaded.model_id,
         "model_hash": loaded.model_hash,
-        "n_layers": find_layers(model).n_layers,
-        "layer_types": layer_types(model),
+        "n_layers": 2 * n_blocks if sublayers else n_blocks,
+        "layer_types": player_types(model) if sublayers else layer_types(model),
         "text_id": text_id,
         "windows_sha256": windows_sha256(windows),
         "n_windows": int(windows.shape[0]),
@@ -59,6 +66,7 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "game": game,
         "utility": utility,
+        **({"players": player_names(n_blocks)} if sublayers else {}),
     }
 
 

@@ -189,10 +189,14 @@ class PrefixRunner:
     ``peak_bytes`` records the most it ever held. Call :meth:`reset` between window batches.
     """
 
-    def __init__(self, model: nn.Module, budget_bytes: int) -> None:
+    def __init__(self, model: nn.Module, budget_bytes: int,
+                 units: tuple[list[nn.Module], list[int]] | None = None) -> None:
         self.model = model
         self.backbone = model.base_model
-        self.layers = list(find_layers(model).layers)
+        # ``units``: the modules a plan's sequences index and the decoder layer each stands for (the sublayer
+        # game's three units per layer, :func:`~layershap.oracle.sublayers.unit_modules`); default: the layers.
+        layers = list(find_layers(model).layers)
+        self.layers, self.layer_of = units if units is not None else (layers, list(range(len(layers))))
         self.budget_bytes = int(budget_bytes)
         # depth -> (hidden state after that many kept layers, tuple length of the layer output (0 = tensor),
         #           index of the layer that produced it)
@@ -217,13 +221,13 @@ class PrefixRunner:
                 raise RuntimeError(f"prefix plan starts from depth {step.start}, which is not cached")
             hidden, tuple_len, source = self.cache[step.start]
             modules.append(_Replay(hidden, tuple_len, self.layers[source]))
-            indices.append(source)  # the replay slot stands for the layer that made the state (its type, position)
+            indices.append(self.layer_of[source])  # the replay slot stands for the layer that made the state
         sink: list[tuple[torch.Tensor, int]] = []
         capture_at = set(step.capture)
         for offset, layer_index in enumerate(step.layers):
             layer = self.layers[layer_index]
             modules.append(_Capture(layer, sink) if step.start + offset + 1 in capture_at else layer)
-            indices.append(layer_index)
+            indices.append(self.layer_of[layer_index])
         with bind_layers(self.model, modules, indices):
             out = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
         for depth, (tensor, tuple_len) in zip(step.capture, sink, strict=True):

@@ -31,6 +31,8 @@ from layershap.core.masks import check_masks
 from .layers import find_layers
 
 PRUNE_INFO_FILE = "layershap_prune.json"
+# the modeling file beside a healed model the standard architecture cannot express (oracle/healed_modeling.py)
+HEALED_MODELING_FILE = "layershap_healed.py"
 
 
 def remote_code_option(path: str | Path) -> dict[str, bool]:
@@ -49,9 +51,7 @@ def remote_code_option(path: str | Path) -> dict[str, bool]:
         return {}
     if not auto_map:
         return {}
-    from .hybrid_families import Jamba
-
-    own = Jamba({}).custom_code_files()
+    own = own_custom_code_files()
     modules = {str(ref).split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values()}
     if modules <= own.keys() and all((folder / name).is_file() and (folder / name).read_text() == own[name]
                                      for name in modules):
@@ -60,6 +60,35 @@ def remote_code_option(path: str | Path) -> dict[str, bool]:
         f"{folder} holds custom model code (auto_map: {', '.join(sorted(modules))}) that layershap did not write; "
         "layershap does not run it: review it and load the model yourself with trust_remote_code=True"
     )
+
+
+def own_custom_code_files() -> dict[str, str]:
+    """Every custom modeling file layershap writes beside a model it saves: ``{file name: source}``."""
+    from . import healed_modeling
+    from .hybrid_families import Jamba
+
+    return {**Jamba({}).custom_code_files(), HEALED_MODELING_FILE: Path(healed_modeling.__file__).read_text(),
+            **sublayer_code_files()}
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path if a model may be written there: new, empty, or an earlier layershap output."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MaskError(f"--out {out} exists and is not a directory; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_INFO_FILE).exists():
+        raise MaskError(
+            f"--out {out} is a non-empty directory that is not a layershap pruned model; "
+            "choose an empty or new directory so nothing there is overwritten"
+        )
+    return out
+
+
+def sublayer_code_files() -> dict[str, str]:
+    """The custom code a model pruned by sublayers may need: ``{file name: source}``."""
+    from . import sublayer_model
+
+    return {"sublayer_model.py": Path(sublayer_model.__file__).read_text()}
 
 
 def prune_model(model: nn.Module, mask: np.ndarray) -> nn.Module:
@@ -97,14 +126,7 @@ def save_pruned_model(
     handle = find_layers(model)
     n_layers = handle.n_layers
     keep = check_masks(mask, n_layers)[0]
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MaskError(f"--out {out} exists and is not a directory; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_INFO_FILE).exists():
-        raise MaskError(
-            f"--out {out} is a non-empty directory that is not a layershap pruned model; "
-            "choose an empty or new directory so nothing there is overwritten"
-        )
+    out = check_out_dir(out_dir)
     prune_model(model, keep)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -124,5 +146,74 @@ def save_pruned_model(
         "trust_remote_code": custom is not None,
         **(info or {}),
     }
+    (out / PRUNE_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def save_sublayer_pruned_model(
+    model: nn.Module,
+    tokenizer: Any | None,
+    mask: np.ndarray,
+    out_dir: str | Path,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Prune ``model`` in place by a sublayer mask (``bool[2n]``: entry ``2i`` layer ``i``'s attention, ``2i+1``
+    its MLP) and write it: layers that lose both sublayers are deleted (:func:`save_pruned_model`, a standard
+    folder when no layer keeps only one); a layer that keeps one becomes a
+    :class:`~layershap.oracle.sublayer_model.PartialDecoderLayer` without the other's weights, saved with the
+    custom code ``sublayer_model.py`` named in the config's ``auto_map`` (reload with ``trust_remote_code=True``).
+
+    Example:
+        >>> save_sublayer_pruned_model(model, tokenizer, np.array([1, 1, 0, 1, 1, 0, 1, 1], bool), "pruned/")  # doctest: +SKIP
+    """
+    from .sublayer_model import SAVED_BASES, partial_layers
+    from .sublayers import player_names, split_mask, sublayer_spec
+
+    handle = find_layers(model)
+    n_layers = handle.n_layers
+    arr = check_masks(mask, 2 * n_layers)[0]
+    sublayer_spec(model)
+    model_type = model.config.model_type
+    if model_type not in SAVED_BASES:
+        raise UnsupportedModelError(f"a {model_type!r} model cannot be saved with sublayers removed; supported: "
+                                    f"{', '.join(sorted(SAVED_BASES))}")
+    attn, mlp = split_mask(arr)
+    blocks = attn | mlp
+    names = player_names(n_layers)
+    record = {"original_n_sublayers": 2 * n_layers,
+              "removed_sublayers": [names[p] for p in np.flatnonzero(~arr)], **(info or {})}
+    kept = [int(i) for i in np.flatnonzero(blocks)]
+    no_attention = [j for j, i in enumerate(kept) if not attn[i]]
+    no_mlp = [j for j, i in enumerate(kept) if not mlp[i]]
+    if not no_attention and not no_mlp:
+        return save_pruned_model(model, tokenizer, blocks, out_dir, record)
+    out = check_out_dir(out_dir)
+    if not blocks.any():
+        raise MaskError("the mask removes every decoder layer; keep at least one sublayer")
+    prune_model(model, blocks)
+    partial_layers(model, no_attention, no_mlp)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    stem = SAVED_BASES[model_type]
+    files = sublayer_code_files()
+    for name, source in files.items():
+        (out / name).write_text(source)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    module = next(iter(files)).removesuffix(".py")
+    config.update({
+        "model_type": f"layershap_sublayer_{model_type}", "architectures": [f"Sublayer{stem}ForCausalLM"],
+        "auto_map": {"AutoConfig": f"{module}.Sublayer{stem}Config",
+                     "AutoModelForCausalLM": f"{module}.Sublayer{stem}ForCausalLM"},
+        "layershap_no_attention": no_attention, "layershap_no_mlp": no_mlp,
+    })
+    write_json(config_file, config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    record.update({
+        "original_n_layers": int(n_layers),
+        "removed_layers": [int(i) for i in np.flatnonzero(~blocks)], "kept_layers": kept, "n_layers": len(kept),
+        "layers_without_attention": no_attention, "layers_without_mlp": no_mlp, "trust_remote_code": True,
+    })
     (out / PRUNE_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out

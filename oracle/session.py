@@ -27,6 +27,7 @@ from .evaluate import MaskedEvaluator
 from .loading import LoadedModel, load_model
 from .measure import CachedOracle, dataset_identity
 from .store import DatasetStore
+from .sublayers import check_players, sublayer_spec
 from .text import CalibrationText, load_text, make_windows, tokenize_stream
 from .windows import blocks_that_fit, decision_windows, validation_windows
 from .writer_lock import WriterLock
@@ -57,13 +58,14 @@ def _is_new(out: Path) -> bool:
 
 
 def _check_request(masks: str, n_masks: int | None, text: str, out: Path, windows: int, seq_len: int,
-                   seed: int, loading: LoadOptions,
-                   utility: str = "nll") -> tuple[CalibrationText, DatasetStore | None]:
+                   seed: int, loading: LoadOptions, utility: str = "nll",
+                   players: str = "blocks") -> tuple[CalibrationText, DatasetStore | None]:
     """Cheap checks before any model is loaded: the mask spec, and an existing store at ``out`` must be a
     layershap store made from the same text with the same window count and length (and ``--dtype``, when one is
     given) that the masks fit, with no other process writing it. Returns the text and the existing store
     (``None`` for a new one)."""
     check_mask_spec(masks)
+    check_players(players)
     if n_masks is not None and not masks.strip().startswith("stratified"):
         raise LayershapError(f"--n-masks applies to the stratified mask specs only, not to {masks!r}")
     calibration = load_text(text)
@@ -72,7 +74,8 @@ def _check_request(masks: str, n_masks: int | None, text: str, out: Path, window
     existing = DatasetStore.open(out)
     parse_mask_spec(masks, existing.n_layers, n_masks, seed)
     existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len,
-                             "utility": utility, **({"dtype": loading.dtype} if loading.dtype else {})})
+                             "utility": utility, "game": players,
+                             **({"dtype": loading.dtype} if loading.dtype else {})})
     WriterLock.check_free(out)  # another run writing it: refused before the model is loaded
     print(f"extending {out}: {len(existing)} rows stored")
     return calibration, existing
@@ -92,12 +95,14 @@ def open_session(
     batch_size: int = 4,
     cache_mb: int | None = None,
     utility: str = "nll",
+    players: str = "blocks",
 ) -> OracleSession:
     """Check the request and any existing store cheaply, then load the model and open (or create) the store.
 
     ``masks`` is a mask spec (``loo``, ``stratified``, ``stratified-all``, ``file:PATH``); ``n_masks`` applies to
     the stratified specs only; ``loading``: device, dtype and device map of the model (``device_map="auto"``
-    shards it over the GPUs); ``utility``: what a row measures (``nll``, or ``kl`` to the dense model). Prints
+    shards it over the GPUs); ``utility``: what a row measures (``nll``, or ``kl`` to the dense model);
+    ``players``: ``blocks`` (a mask entry per decoder layer) or ``sublayers`` (attention and MLP apart). Prints
     one line about the store and the masks still to measure. The session holds the store's write lock: close it
     (or use it in a ``with`` block).
 
@@ -108,20 +113,24 @@ def open_session(
     if loading.device == "cuda" and not torch.cuda.is_available():
         raise LayershapError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     out = Path(out)
-    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed, loading, utility)
+    calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed, loading, utility, players)
     loaded = load_model(model, **loading.as_kwargs())
+    if players == "sublayers":
+        sublayer_spec(loaded.model)  # an unsupported family is refused before any store is made
     token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
-    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len, utility=utility)
+    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len, game=players, utility=utility)
     wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
     store = DatasetStore.create_or_open(out, identity, token_windows)  # identity mismatch -> error, nothing written
     todo = int(store.missing(wanted).sum())
+    what = (f"{identity['n_layers'] // 2} layers ({identity['n_layers']} attention/MLP players)"
+            if players == "sublayers" else f"{identity['n_layers']} layers")
     print(
-        f"{loaded.model_id}: {identity['n_layers']} layers, {identity['dtype']} on {loaded.device}; "
+        f"{loaded.model_id}: {what}, {identity['dtype']} on {loaded.device}; "
         f"{token_windows.shape[0]} x {token_windows.shape[1]} tokens; {len(wanted)} masks asked for, "
         f"{len(wanted) - todo} already stored, {todo} to measure"
     )
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
-                                cache_mb=cache_mb, utility=utility)
+                                cache_mb=cache_mb, utility=utility, players=players)
     return OracleSession(loaded, store, evaluator, wanted)
 
 
@@ -173,11 +182,12 @@ def open_decision_blocks(session: OracleSession, *, text: str, out: str | Path, 
 def _block_oracle(session: OracleSession, text: str, path: Path, token_windows: np.ndarray, seq_len: int,
                   batch_size: int, cache_mb: int | None, progress: bool, label: str) -> CachedOracle:
     loaded = session.loaded
-    utility = session.evaluator.utility
-    identity = dataset_identity(loaded, load_text(text).text_id, token_windows, seq_len, utility=utility)
+    utility, players = session.evaluator.utility, session.evaluator.players
+    identity = dataset_identity(loaded, load_text(text).text_id, token_windows, seq_len, game=players,
+                                utility=utility)
     store = DatasetStore.create_or_open(path, identity, token_windows)
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
-                                cache_mb=cache_mb, utility=utility, top_k=session.evaluator.top_k)
+                                cache_mb=cache_mb, utility=utility, top_k=session.evaluator.top_k, players=players)
     return CachedOracle(evaluator, store, label=label, progress=progress)
 
 

@@ -53,7 +53,7 @@ import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, GroupNotFoundError
 
-from layershap.core.errors import LayershapError, StoreLockedError, StoreMismatchError
+from layershap.core.errors import LayershapError, MaskError, StoreLockedError, StoreMismatchError
 from layershap.core.jsonio import jsonable, package_version
 from layershap.core.masks import check_masks
 
@@ -71,6 +71,9 @@ IDENTITY_KEYS = (
 # (``utility``: mean token NLL, or another). Stores written before these keys existed are blocks / nll; keys at
 # their defaults are left out of the content hash, so such stores keep the hash their surrogates recorded.
 GAME_DEFAULTS = {"game": "blocks", "utility": "nll"}
+# Identity keys only some games have: ``players`` names the mask entries of a sublayer store ("3.attn", "3.mlp");
+# a blocks store has none, so its attributes and content hash are those of a store written before sublayers.
+OPTIONAL_KEYS = ("players",)
 # Keys that must agree for two runs to share a store. model_id may differ (same weights under another path);
 # dtype is checked because float32 and bfloat16 measurements must never be mixed silently.
 MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype", *GAME_DEFAULTS)
@@ -86,6 +89,8 @@ def _check_identity(identity: dict) -> dict:
     ident = {k: jsonable(v) for k, v in identity.items()}
     if len(ident["layer_types"]) != ident["n_layers"]:
         raise ValueError(f"identity has {len(ident['layer_types'])} layer_types for n_layers={ident['n_layers']}")
+    if "players" in ident and len(ident["players"]) != ident["n_layers"]:
+        raise ValueError(f"identity names {len(ident['players'])} players for masks of {ident['n_layers']} entries")
     return ident
 
 
@@ -296,8 +301,29 @@ class DatasetStore:
 
     @property
     def identity(self) -> dict:
-        """The identity attributes the store was created with."""
-        return {k: self._attrs[k] for k in IDENTITY_KEYS}
+        """The identity attributes the store was created with (``players`` only where the game names them)."""
+        return {k: self._attrs[k] for k in (*IDENTITY_KEYS, *OPTIONAL_KEYS) if k in self._attrs}
+
+    @property
+    def game(self) -> str:
+        """What a False in a mask removes: ``blocks`` (a decoder layer) or ``sublayers`` (an attention or MLP)."""
+        return str(self._attrs.get("game", GAME_DEFAULTS["game"]))
+
+    @property
+    def players(self) -> list[str]:
+        """The name of each mask entry: the layer index (blocks) or ``"<layer>.attn"`` / ``"<layer>.mlp"``."""
+        return list(self._attrs.get("players") or [str(i) for i in range(self.n_layers)])
+
+    def _check_masks(self, masks: np.ndarray) -> np.ndarray:
+        """:func:`check_masks`, with the store's game named when a mask has another game's width."""
+        arr = masks.detach().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks)
+        width = arr.shape[-1] if arr.ndim in (1, 2) else None
+        if width is not None and width != self.n_layers and (self.game != "blocks" or width == 2 * self.n_layers):
+            entries = ("one per decoder layer" if self.game == "blocks" else
+                       f"attention and MLP of each of {self.n_layers // 2} layers")
+            raise MaskError(f"{self.path} holds the {self.game} game: masks of {self.n_layers} entries ({entries}), "
+                            f"not {width}; use a store of the other game (another --out) for those masks")
+        return check_masks(arr, self.n_layers)
 
     def __len__(self) -> int:
         return len(self._rows["nll"])
@@ -347,7 +373,7 @@ class DatasetStore:
         Example:
             >>> todo = masks[store.missing(masks)]  # doctest: +SKIP
         """
-        arr = check_masks(masks, self.n_layers)
+        arr = self._check_masks(masks)
         return np.array([row.tobytes() not in self._keys for row in arr], dtype=bool)
 
     def content_hash(self, rows: int | None = None) -> str:
@@ -394,7 +420,7 @@ class DatasetStore:
         """
         if not self.writable:
             raise ValueError(f"{self.path} was opened read-only (or closed); use DatasetStore.create_or_open to append")
-        arr = check_masks(masks, self.n_layers)
+        arr = self._check_masks(masks)
         k = len(arr)
         columns = {"masks": arr, "nll": nll, "seconds": seconds, "kl": kl}
         columns = {name: value if name == "masks" else np.asarray(value, dtype=np.float64).reshape(-1)

@@ -23,6 +23,7 @@ from layershap.oracle.measure import CachedOracle
 from layershap.oracle.positions import fit_seq_len
 from layershap.oracle.session import OracleSession, open_decision_blocks
 from layershap.oracle.store import DatasetStore
+from layershap.oracle.sublayers import removed_costs, sublayer_costs
 from layershap.pruning.budget import DECISION, PlanBudget, plan_budget
 from layershap.pruning.plan import find_plans
 from layershap.pruning.race import Z_DROP
@@ -119,6 +120,7 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
         for block in blocks:
             block.store.close()  # the decision stores' write locks; their rows stay readable
     full = float(oracle.loss(np.ones((1, n), dtype=bool))[0])
+    costs = sublayer_costs(session.loaded.model) if session.store.game == "sublayers" else None
     full_nll = _column(session.store, ())
     plans = []
     for k, p in sorted(result.plans.items()):
@@ -133,11 +135,13 @@ def run_plans(session: OracleSession, *, text: str, out: Path, ks: list[int] | N
             "runner_up": None if outcome is None or outcome.runner_up is None else list(outcome.runner_up),
             "margin_se": None if margin is None or math.isinf(margin) else margin,
             "separated": None if margin is None else bool(margin >= Z_DROP),
+            **({} if costs is None else {"removed_cost": removed_costs(costs, list(p.removed))}),
         })
     doc = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_id": session.loaded.model_id, "model_hash": session.loaded.model_hash, "n_layers": n,
         "utility": ev.utility,
+        **({"game": session.store.game, "players": session.store.players} if session.store.game != "blocks" else {}),
         "calibration": {"text_id": session.store.attrs.get("text_id"),
                         "windows_sha256": session.store.attrs.get("windows_sha256"),
                         "tokens_per_pass": ev.n_tokens},
@@ -189,9 +193,9 @@ def plan_for(doc: dict, k: int) -> list[int]:
                          f"--remove {k}` on the same store first, or prune by score with --by-score")
 
 
-def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None) -> str:
+def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None, names: list[str] | None = None) -> str:
     """The plan table: K, layers to remove, calibration and decision perplexity, how sure, runner-up (and the
-    lowest-score sets).
+    lowest-score sets); ``names``: player names the sets are shown by (the sublayer game's "3.attn").
 
     Example:
         >>> print(format_plans(read_plans("runs/gemma-3-270m")))  # doctest: +SKIP
@@ -205,9 +209,12 @@ def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None) -> str:
         dec = "-" if p["decision_perplexity"] is None else f"{p['decision_perplexity']:.4g}"
         margin = ("-" if p["separated"] is None else ">99 se" if p["margin_se"] is None
                   else f"{p['margin_se']:.1f} se")
-        runner = "-" if p["runner_up"] is None else str(p["runner_up"])
-        extra = f"  {lowest[p['k']]}" if lowest and p["k"] in lowest else ""
-        lines.append(f"  {p['k']:>3}  {p['removed']!s:<24} {p['perplexity']:>10.4g} {dec:>9} {margin:>8}  "
+        def shown(players: list[int]) -> str:
+            return str(players if names is None else [names[i] for i in players]).replace("'", "")
+
+        runner = "-" if p["runner_up"] is None else shown(p["runner_up"])
+        extra = f"  {shown(lowest[p['k']])}" if lowest and p["k"] in lowest else ""
+        lines.append(f"  {p['k']:>3}  {shown(p['removed']):<24} {p['perplexity']:>10.4g} {dec:>9} {margin:>8}  "
                      f"{runner}{extra}")
     lines.append(f"  {doc['passes']} screening passes ({doc['calibration']['tokens_per_pass']} tokens each), "
                  f"{doc['decision_passes']} decision passes ({doc['decision']['tokens_per_block']} tokens each); "

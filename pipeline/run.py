@@ -71,6 +71,7 @@ def run_main_job(
     tokens: int | None = None,
     remove: list[int] | None = None,
     utility: str = "nll",
+    players: str = "blocks",
     register: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -82,7 +83,8 @@ def run_main_job(
     of the depth); ``tokens``: the whole job's oracle tokens (default: what the depth, K range and device need;
     a smaller total shrinks the plan search in proportion, a total below what the K range needs is refused before
     anything is measured); ``remove``: the K values to plan (default 1 .. 30 % of the layers); ``utility``: ``nll``
-    or ``kl``; ``register``: add the surrogate to the registry.
+    or ``kl``; ``players``: ``blocks`` (decoder layers) or ``sublayers`` (each layer's attention and MLP apart:
+    2n players, K counts sublayers); ``register``: add the surrogate to the registry.
 
     Example:
         >>> run_main_job(model="./tiny", out=Path("runs/tiny"), n_masks=24, windows=2, seq_len=16)  # doctest: +SKIP
@@ -94,7 +96,8 @@ def run_main_job(
 
     _heading("1/5 oracle: measure log-perplexity of layer masks")
     session = open_session(model=model, text=text, masks="loo", out=store_path, windows=windows, seq_len=seq_len,
-                           seed=seed, loading=loading, batch_size=batch_size, cache_mb=cache_mb, utility=utility)
+                           seed=seed, loading=loading, batch_size=batch_size, cache_mb=cache_mb, utility=utility,
+                           players=players)
     store, evaluator = session.store, session.evaluator
     n = store.n_layers
     count = main_job_masks(n) if n_masks is None else n_masks
@@ -172,7 +175,8 @@ def summarize(record: ScoresRecord, store: DatasetStore, plans: dict) -> dict:
             "decision_perplexity": p["decision_perplexity"], "margin_se": p["margin_se"],
             "lowest_score_layers": sorted(int(i) for i in ranking[:k]),
         })
-    return {"model_id": record.model_id, "n_layers": n, "index": scores.index, "utility": store.utility,
+    game = {"game": store.game, "players": store.players} if store.game != "blocks" else {}
+    return {"model_id": record.model_id, "n_layers": n, **game, "index": scores.index, "utility": store.utility,
             "full_perplexity": math.exp(full_nll), "layers": layers, "plans": plans["plans"],
             "plan_document": {key: plans[key] for key in ("utility", "calibration", "decision", "passes",
                                                           "decision_passes", "stopped", "full_perplexity")},
@@ -188,15 +192,45 @@ def format_summary(summary: dict) -> str:
     title = (f"{summary['model_id']}: {summary['n_layers']} layers, full-model perplexity "
              f"{summary['full_perplexity']:.2f}; scores = {summary['index']} of -{summary.get('utility', 'nll')} (higher = more "
              "important)")
-    lines = [title, f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>10}"]
-    for row in summary["layers"]:
-        loo = f"{row['loo_perplexity']:.4g}" if row["loo_perplexity"] is not None else "-"
-        lines.append(f"{row['layer']:>5}  {row['score']:>10.4f}  {row['stderr']:>8.4f}  {row['rank']:>4}  {loo:>10}")
+    if summary.get("game") == "sublayers":
+        lines = [title.replace(f"{summary['n_layers']} layers", f"{summary['n_layers'] // 2} layers x "
+                                                                   "(attention, MLP)"), *_sublayer_table(summary)]
+    else:
+        lines = [title, f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>10}"]
+        for row in summary["layers"]:
+            loo = f"{row['loo_perplexity']:.4g}" if row["loo_perplexity"] is not None else "-"
+            lines.append(f"{row['layer']:>5}  {row['score']:>10.4f}  {row['stderr']:>8.4f}  {row['rank']:>4}  "
+                         f"{loo:>10}")
     lines.append("rank 1 = least important (removed first)")
     lines.append("")
     lowest = {int(p["k"]): sorted(int(i) for i in np.argsort([r["score"] for r in summary["layers"]],
                                                             kind="stable")[: int(p["k"])]) for p in summary["plans"]}
-    lines.append(format_plans({**summary["plan_document"], "plans": summary["plans"]}, lowest))
+    names = summary.get("players")
+    lines.append(format_plans({**summary["plan_document"], "plans": summary["plans"]}, lowest, names))
+    for p in summary["plans"]:
+        cost = p.get("removed_cost")
+        if cost is not None:
+            lines.append(f"  K = {p['k']} removes {cost['parameter_share']:.1%} of the decoder parameters "
+                         f"({cost['parameters']:,}), {cost['flops_per_token']:,} FLOPs per token and "
+                         f"{cost['kv_cache_share']:.0%} of the KV cache ({cost['kv_cache_bytes_per_token']:,} "
+                         "bytes per token)")
     lines.append("depth reductions: " + "; ".join(
-        f"{s['depth_reduction']:.0%} -> remove {s['layers']}" for s in summary["suggestions"]))
+        f"{s['depth_reduction']:.0%} -> remove "
+        f"{str([names[i] for i in s['layers']]).replace(chr(39), '') if names else s['layers']}"
+        for s in summary["suggestions"]))
     return "\n".join(lines)
+
+
+def _sublayer_table(summary: dict) -> list[str]:
+    """One line per decoder layer: its attention's and its MLP's score ± s.e., rank and leave-one-out
+    perplexity side by side (player ``2i`` is layer ``i``'s attention, ``2i + 1`` its MLP)."""
+    def cells(row: dict) -> str:
+        loo = f"{row['loo_perplexity']:.4g}" if row["loo_perplexity"] is not None else "-"
+        return f"{row['score']:>10.4f}  {row['stderr']:>8.4f}  {row['rank']:>4}  {loo:>9}"
+
+    head = f"{'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>9}"
+    lines = [f"{'':>5}  {'attention':^37}    {'MLP':^37}", f"{'layer':>5}  {head}    {head}"]
+    rows = summary["layers"]
+    for i in range(len(rows) // 2):
+        lines.append(f"{i:>5}  {cells(rows[2 * i])}    {cells(rows[2 * i + 1])}")
+    return lines

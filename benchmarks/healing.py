@@ -1,0 +1,138 @@
+"""How much of the damage of depth pruning the training-free healing methods repair, on held-out text.
+
+On the embedded default (Gemma-3-270M, 18 layers), for the main job's plans at K = 2 / 4 / 5 ({7, 8},
+{6, 7, 8, 9}, {7, 8, 9, 12, 16}), each method of ``layershap heal`` is fitted on calibration windows of the
+builtin text (Python's reference documentation; ``--windows`` x ``--seq-len`` tokens, seed 0) and the healed
+model is scored on the pruning benchmark's held-out texts (GPL-3, Vim manual, CPython's email essay; 4 x 256
+tokens each, never used for calibration). Printed per plan and method: held-out perplexity, the share of the
+log-perplexity gap to the dense model the method closes ((nll_unhealed - nll_healed) / (nll_unhealed -
+nll_dense)), calibration tokens, fit seconds, the saved form (fused into ``down_proj`` or custom code) and the
+parameters the patches add (``distill``: LoRA merged, none). ``--sweep`` also refits ``linear`` at K = 4 on more and fewer calibration windows,
+to show how many tokens pay.
+
+Example:
+    $ python benchmarks/healing.py                              # ~5 min on 2 CPU cores
+    $ python benchmarks/healing.py --plans 6,7,8,9 --methods linear --sweep 8,16,32,64
+    $ python benchmarks/healing.py --plans 6,7,8,9 --methods linear,distill --distill-steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from layershap.core.masks import masks_from_removed
+from layershap.oracle.evaluate import MaskedEvaluator
+from layershap.oracle.loading import load_model
+from layershap.oracle.text import eval_windows, load_text, make_windows
+from layershap.pruning.distill import distill
+from layershap.pruning.heal import fit_healing, healing_applied
+from layershap.pruning.heal_save import saved_form
+
+try:  # the held-out texts the benchmarks share (benchmarks/common.py)
+    from common import HELDOUT, heldout_text
+except ImportError:  # a tree from before common.py: the same three texts, read the same way
+    import email
+    import glob
+    import hashlib
+    from pathlib import Path
+
+    from layershap.oracle.text import CalibrationText
+
+    HELDOUT = {
+        "gpl3": ("/usr/share/common-licenses/GPL-3", "legal: the GPL-3 licence"),
+        "vim": ("/usr/share/vim/vim*/doc/usr_0[1-9].txt", "editor manual: Vim user manual, chapters 1-9"),
+        "email": (str(Path(email.__file__).parent / "architecture.rst"), "design essay: CPython's email package"),
+    }
+
+    def heldout_text(name: str) -> CalibrationText:
+        files = sorted(glob.glob(HELDOUT[name][0]))
+        if not files:
+            raise SystemExit(f"held-out text {name!r}: no file matches {HELDOUT[name][0]}")
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
+        return CalibrationText(f"heldout:{name}@sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}", text)
+
+PLANS = {2: (7, 8), 4: (6, 7, 8, 9), 5: (7, 8, 9, 12, 16)}
+
+
+def heldout_nll(model, windows: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+    """Mean token NLL per held-out text of ``model`` as it stands (its layers where ``mask`` is False skipped)."""
+    out = {}
+    for name, ids in windows.items():
+        evaluator = MaskedEvaluator(model, ids, batch_size=2, prefix_sharing=False, cache_mb=0)
+        keep = np.ones(evaluator.n_layers, bool) if mask is None else mask
+        out[name] = float(evaluator.nll(keep[None, :])[0])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--text", default="builtin", help="calibration text")
+    p.add_argument("--windows", type=int, default=16, help="calibration windows for the fits")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--methods", default="bias,linear,lowrank:64")
+    p.add_argument("--plans", default=None, help="one removal set, e.g. 6,7,8,9 (default: the K = 2/4/5 plans)")
+    p.add_argument("--heldout", default="gpl3,vim,email")
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--ridge", type=float, default=None, help="ridge of the linear fits (default: layershap's)")
+    p.add_argument("--sweep", default="", help="calibration window counts to refit linear at K = 4 with")
+    p.add_argument("--distill-steps", type=int, default=100, help="training steps of the distill method")
+    p.add_argument("--distill-lr", type=float, default=1e-4)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model(args.model, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    calib = load_text(args.text)
+    names = args.heldout.split(",")
+    ev = {h: eval_windows(tok, heldout_text(h).text, args.eval_seq_len, args.eval_windows) for h in names}
+    plans = {len(s): s for s in [tuple(int(i) for i in args.plans.split(","))]} if args.plans else PLANS
+    extra = {} if args.ridge is None else {"ridge": args.ridge}
+    n = model.config.num_hidden_layers
+    dense = heldout_nll(model, ev)
+    print(f"{loaded.model_id}: {n} layers; calibration {calib.text_id}, {args.windows} x {args.seq_len} tokens; "
+          f"held-out {', '.join(f'{h} ({HELDOUT[h][1]})' for h in names)}, {args.eval_windows} x "
+          f"{args.eval_seq_len} tokens each")
+    print("dense perplexity: " + " / ".join(f"{math.exp(dense[h]):.1f}" for h in names))
+    cal_windows = make_windows(tok, calib.text, args.windows, args.seq_len, seed=0)
+    header = f"{'K':>2} {'plan':<18} {'method':<11} {'perplexity ' + '/'.join(names):<30} {'gap closed':<20}"
+    print(header + f" {'tokens':>7} {'fit s':>6} {'saved as':<12} {'+params':>8}")
+    for k, plan in plans.items():
+        mask = masks_from_removed(list(plan), n)[0]
+        unhealed = heldout_nll(model, ev, mask)
+        print(f"{k:>2} {set(plan)!s:<18} {'none':<11} "
+              f"{' / '.join(f'{math.exp(unhealed[h]):.1f}' for h in names):<30} {'-':<20}")
+        runs = [(m, args.windows) for m in args.methods.split(",")]
+        if k == 4 and args.sweep:
+            runs += [("linear", int(w)) for w in args.sweep.split(",") if int(w) != args.windows]
+        for method, n_windows in runs:
+            windows = cal_windows if n_windows == args.windows else make_windows(
+                tok, calib.text, n_windows, args.seq_len, seed=0)
+            start = time.perf_counter()
+            if method == "distill":
+                student, record = distill(model, windows, plan, steps=args.distill_steps, lr=args.distill_lr,
+                                          progress=False)
+                fit_s, n_tokens, form, params = time.perf_counter() - start, record["calibration_tokens"], "merged", 0
+                healed = heldout_nll(student, ev)
+                del student
+            else:
+                healing = fit_healing(model, windows, plan, method, progress=False, **extra)
+                fit_s, n_tokens = time.perf_counter() - start, healing.n_tokens
+                with healing_applied(model, healing):
+                    healed = heldout_nll(model, ev)
+                form = saved_form(model.config.model_type, healing)
+                params = sum(sum(a.size for a in (s.delta, s.down, s.up, s.bias) if a is not None)
+                             for s in healing.spans) if form != "fused" else 0
+            closed = [(unhealed[h] - healed[h]) / (unhealed[h] - dense[h]) for h in names]
+            print(f"{k:>2} {'':<18} {method:<11} {' / '.join(f'{math.exp(healed[h]):.1f}' for h in names):<30} "
+                  f"{' / '.join(f'{100 * c:.0f}%' for c in closed):<20} {n_tokens:>7} {fit_s:>6.1f} "
+                  f"{form:<12} {params / 1e6:>7.2f}M", flush=True)
+
+
+if __name__ == "__main__":
+    main()
