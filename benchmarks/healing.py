@@ -105,7 +105,7 @@ def main() -> None:
     for k, plan in plans.items():
         mask = masks_from_removed(list(plan), n)[0]
         unhealed = heldout_nll(model, ev, mask)
-        print(f"{k:>2} {set(plan)!s:<18} {'none':<11} "
+        print(f"{k:>2} {'{' + ', '.join(map(str, plan)) + '}':<18} {'none':<11} "
               f"{' / '.join(f'{math.exp(unhealed[h]):.1f}' for h in names):<30} {'-':<20}")
         runs = [(m, args.windows) for m in args.methods.split(",")]
         if k == 4 and args.sweep:
