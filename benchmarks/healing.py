@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from common import HELDOUT, heldout_text
 
 from layershap.core.masks import masks_from_removed
 from layershap.oracle.evaluate import MaskedEvaluator
@@ -32,29 +33,6 @@ from layershap.oracle.text import eval_windows, load_text, make_windows
 from layershap.pruning.distill import distill
 from layershap.pruning.heal import fit_healing, healing_applied
 from layershap.pruning.heal_save import saved_form
-
-try:  # the held-out texts the benchmarks share (benchmarks/common.py)
-    from common import HELDOUT, heldout_text
-except ImportError:  # a tree from before common.py: the same three texts, read the same way
-    import email
-    import glob
-    import hashlib
-    from pathlib import Path
-
-    from layershap.oracle.text import CalibrationText
-
-    HELDOUT = {
-        "gpl3": ("/usr/share/common-licenses/GPL-3", "legal: the GPL-3 licence"),
-        "vim": ("/usr/share/vim/vim*/doc/usr_0[1-9].txt", "editor manual: Vim user manual, chapters 1-9"),
-        "email": (str(Path(email.__file__).parent / "architecture.rst"), "design essay: CPython's email package"),
-    }
-
-    def heldout_text(name: str) -> CalibrationText:
-        files = sorted(glob.glob(HELDOUT[name][0]))
-        if not files:
-            raise SystemExit(f"held-out text {name!r}: no file matches {HELDOUT[name][0]}")
-        text = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
-        return CalibrationText(f"heldout:{name}@sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}", text)
 
 PLANS = {2: (7, 8), 4: (6, 7, 8, 9), 5: (7, 8, 9, 12, 16)}
 
