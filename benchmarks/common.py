@@ -13,7 +13,10 @@ import glob
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, main_job_masks
+from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.measure import measure_masks
 from layershap.oracle.session import open_session
 from layershap.oracle.store import DatasetStore
@@ -37,6 +40,16 @@ def heldout_text(name: str) -> CalibrationText:
         raise SystemExit(f"held-out text {name!r}: no file matches {pattern}; install the package that ships it")
     text = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
     return CalibrationText(f"heldout:{name}@sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}", text)
+
+
+def heldout_nll(model, windows: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+    """Mean token NLL per held-out text of ``model`` as it stands (its layers where ``mask`` is False skipped)."""
+    out = {}
+    for name, ids in windows.items():
+        evaluator = MaskedEvaluator(model, ids, batch_size=2, prefix_sharing=False, cache_mb=0)
+        keep = np.ones(evaluator.n_layers, bool) if mask is None else mask
+        out[name] = float(evaluator.nll(keep[None, :])[0])
+    return out
 
 
 def layershap_run(model: str, text: str, folder: Path, seed: int, utility: str = "nll",

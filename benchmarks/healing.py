@@ -22,12 +22,10 @@ import argparse
 import math
 import time
 
-import numpy as np
 import torch
-from common import HELDOUT, heldout_text
+from common import HELDOUT, heldout_nll, heldout_text
 
 from layershap.core.masks import masks_from_removed
-from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.loading import load_model
 from layershap.oracle.text import eval_windows, load_text, make_windows
 from layershap.pruning.distill import distill
@@ -35,16 +33,6 @@ from layershap.pruning.heal import fit_healing, healing_applied
 from layershap.pruning.heal_save import saved_form
 
 PLANS = {2: (7, 8), 4: (6, 7, 8, 9), 5: (7, 8, 9, 12, 16)}
-
-
-def heldout_nll(model, windows: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
-    """Mean token NLL per held-out text of ``model`` as it stands (its layers where ``mask`` is False skipped)."""
-    out = {}
-    for name, ids in windows.items():
-        evaluator = MaskedEvaluator(model, ids, batch_size=2, prefix_sharing=False, cache_mb=0)
-        keep = np.ones(evaluator.n_layers, bool) if mask is None else mask
-        out[name] = float(evaluator.nll(keep[None, :])[0])
-    return out
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ Example:
     $ layershap oracle --model ./my-llama --masks stratified --n-masks 256 --out runs/llama.zarr --seq-len 256
     $ layershap oracle --model ./my-llama --masks stratified --n-masks 8000 --out llama.zarr --workers 8
     $ layershap oracle --model ./my-llama --players sublayers --masks stratified --out llama-sub.zarr
+    $ layershap oracle --masks loo --utility task:benchmarks/tasks/pydoc_mc.yaml --out runs/pydoc.zarr
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def oracle(
     ray_address: str | None = None,
     progress: bool = True,
     players: Literal["blocks", "sublayers"] = "blocks",
+    utility: str = "nll",
 ) -> int:
     """Measure log-perplexity of layer masks into a zarr store (created, or extended/resumed when it exists).
 
@@ -62,6 +64,9 @@ def oracle(
         progress: show the progress bar.
         players: blocks = a mask entry per decoder layer; sublayers = two per layer (entry 2i: layer i's
             attention, 2i+1: its MLP), each skipped on its own (Llama, Mistral, Qwen 2/3, Gemma 2/3).
+        utility: what a row measures: nll (token NLL of the text), kl (KL to the dense model's next-token
+            distributions) or task:FILE (the NLL of a local multiple-choice task's correct answers; FILE: its
+            lm-eval YAML; its questions replace --text, --windows and --seq-len).
     """
     import time
     from pathlib import Path
@@ -70,6 +75,7 @@ def oracle(
     from layershap.oracle.measure import measure_masks
     from layershap.oracle.session import measure_on_workers, open_session
     from layershap.oracle.store import DatasetStore
+    from layershap.oracle.task_utility import parse_utility
 
     for name, value in (("n_masks", n_masks), ("windows", windows), ("seq_len", seq_len),
                         ("batch_size", batch_size), ("masks_per_call", masks_per_call), ("cache_mb", cache_mb)):
@@ -80,6 +86,9 @@ def oracle(
         raise LayershapError("--ray-address needs --workers N (the number of Ray workers to start there)")
     if workers is not None and players != "blocks":
         raise LayershapError("--workers measures the blocks game only; drop --workers for --players sublayers")
+    if workers is not None and parse_utility(utility)[0] != "nll":
+        raise LayershapError(f"--workers measures the nll utility only; drop --workers for --utility {utility}")
+    parse_utility(utility)
     started = time.perf_counter()
     if workers is not None:
         before = len(DatasetStore.open(out)) if Path(out).exists() else 0
@@ -91,13 +100,16 @@ def oracle(
     else:
         with open_session(model=model, text=text, masks=masks, out=out, n_masks=n_masks, windows=windows,
                           seq_len=seq_len, seed=seed, loading=loading, batch_size=batch_size,
-                          cache_mb=cache_mb, players=players) as session:
+                          cache_mb=cache_mb, players=players, utility=utility) as session:
             store = session.store
             added = measure_masks(session.evaluator, store, session.masks, progress=progress,
                                   masks_per_call=masks_per_call)
     print(f"added {added} rows; {len(store)} rows in {out} ({time.perf_counter() - started:.1f} s)")
     full = store.masks.all(axis=1)
-    if full.any():
+    if full.any() and store.utility != "nll":
+        print(f"full model: {store.utility} {float(store.loss[full][0]):.4f} nats"
+              f"{' per question' if store.utility == 'task' else '/token'}")
+    elif full.any():
         nll = float(store.nll[full][0])
         print(f"full model: nll {nll:.4f} nats/token, perplexity {perplexity_text(nll)}")
     return 0

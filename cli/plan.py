@@ -10,6 +10,7 @@ Example:
     $ layershap plan                                        # Gemma-3-270M, K = 1..5, into runs/gemma-3-270m
     $ layershap plan --model ./my-llama --text calib.txt --remove 4,8 --tokens 400000 --out runs/my-llama
     $ layershap plan --model ./my-llama --players sublayers --remove 4,8 --out runs/my-llama-sub
+    $ layershap plan --utility task:benchmarks/tasks/pydoc_mc.yaml --remove 1,2,3,4 --out runs/gemma-pydoc
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def plan(
     out: str | None = None,
     remove: list[int] | None = None,
     tokens: int | None = None,
-    utility: Literal["nll", "kl"] = "nll",
+    utility: str = "nll",
     windows: int = CALIBRATION_WINDOWS,
     seq_len: int = CALIBRATION_SEQ_LEN,
     seed: int = 0,
@@ -46,8 +47,9 @@ def plan(
         out: run folder (default runs/<model name>); its dataset.zarr is reused and extended.
         remove: the K values to plan, e.g. 2,4,6 (default 1 .. 30 % of the layers).
         tokens: oracle tokens of the search at most (default: what the depth, K range and device need).
-        utility: what a mask's loss is: nll (token NLL of the text) or kl (KL to the dense model); a folder's
-            stores keep the utility they were made with.
+        utility: what a mask's loss is: nll (token NLL of the text), kl (KL to the dense model) or task:FILE
+            (the NLL of a local multiple-choice task's correct answers; FILE: its lm-eval YAML; its questions
+            replace --text, --windows and --seq-len); a folder's stores keep the utility they were made with.
         windows: token windows per mask (calibration, the screening fidelity).
         seq_len: tokens per window.
         seed: seed of windows and the search.
@@ -60,6 +62,7 @@ def plan(
     from pathlib import Path
 
     from layershap.oracle.session import open_session
+    from layershap.oracle.task_utility import parse_utility
     from layershap.pipeline.plans import format_plans, run_plans
     from layershap.pipeline.run import default_out
 
@@ -69,6 +72,7 @@ def plan(
     non_negative("seed", seed)
     for k in remove or []:
         positive("remove", k)
+    parse_utility(utility)
     folder = Path(out) if out is not None else default_out(model)
     folder.mkdir(parents=True, exist_ok=True)
     with open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr", windows=windows,

@@ -8,6 +8,7 @@ same command again resumes the oracle where it stopped.
 Example:
     $ layershap run                                   # Gemma-3-270M on Python's docs, CPU defaults
     $ layershap run --model ./my-llama --text calib.txt --utility kl --out runs/llama
+    $ layershap run --utility task:benchmarks/tasks/pydoc_mc.yaml --out runs/gemma-pydoc
     $ layershap run --print_config > run.yaml; layershap run --config run.yaml
     $ layershap run --model ./my-llama --players sublayers      # attention and MLP of each layer as players
 """
@@ -39,7 +40,7 @@ def run(
     hidden: int = 64,
     remove: list[int] | None = None,
     tokens: int | None = None,
-    utility: Literal["nll", "kl"] = "nll",
+    utility: str = "nll",
     players: Literal["blocks", "sublayers"] = "blocks",
     register: bool = True,
     progress: bool = True,
@@ -67,8 +68,9 @@ def run(
         remove: the K values to plan, e.g. 2,4,6 (default 1 .. 30 % of the layers).
         tokens: the job's oracle tokens at most (default: what the depth, K range and device need; less shrinks
             the plan search in proportion).
-        utility: what a mask's loss is: nll (token NLL of the text) or kl (KL to the dense model's next-token
-            distributions).
+        utility: what a mask's loss is: nll (token NLL of the text), kl (KL to the dense model's next-token
+            distributions) or task:FILE (the NLL of a local multiple-choice task's correct answers; FILE: its
+            lm-eval YAML; its questions replace --text, --windows and --seq-len).
         players: blocks = decoder layers; sublayers = each layer's attention and MLP apart (2n players: entry 2i
             is layer i's attention, 2i+1 its MLP; --remove counts sublayers; Llama, Mistral, Qwen 2/3, Gemma 2/3).
         register: add the trained surrogate to the registry (`layershap registry list`).
@@ -76,6 +78,7 @@ def run(
     """
     from pathlib import Path
 
+    from layershap.oracle.task_utility import parse_utility
     from layershap.pipeline.run import run_main_job
 
     for name, value in (("n_masks", n_masks), ("active_rows", active_rows), ("windows", windows),
@@ -85,6 +88,7 @@ def run(
     non_negative("seed", seed)
     for k in remove or []:
         positive("remove", k)
+    parse_utility(utility)
     run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
                  sampling=sampling, active_rows=active_rows, windows=windows, seq_len=seq_len, seed=seed,
                  loading=loading, batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden,

@@ -39,7 +39,7 @@ from layershap.core.masks import check_masks
 from .families import text_config
 from .head_loss import HeadPass, KLReference, logits_at, tiled_head_pass, token_kl
 from .layers import find_layers, skip_layers
-from .measurement import DEFAULT_TOP_K, UTILITIES, Measurement
+from .measurement import DEFAULT_TOP_K, KINDS, UTILITIES, Measurement
 from .positions import position_limit
 from .prefix import PrefixRunner, plan_prefix_runs
 from .sublayers import check_players, skip_sublayers, unit_masks, unit_modules
@@ -118,6 +118,7 @@ class MaskedEvaluator:
         token_chunk: int | None = None,
         vocab_chunk: int | None = None,
         players: str = "blocks",
+        weights: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device if device is None else torch.device(device)
@@ -140,8 +141,11 @@ class MaskedEvaluator:
                 raise LayershapError(f"{name} must be >= 1 (or None for the default), got {value}")
         if cache_mb is not None and cache_mb < 0:
             raise LayershapError(f"cache_mb must be >= 0 (0 disables the prefix cache), got {cache_mb}")
-        if utility not in UTILITIES:
-            raise LayershapError(f"unknown utility {utility!r}; use one of {', '.join(UTILITIES)}")
+        if utility not in KINDS:
+            raise LayershapError(f"unknown utility {utility!r}; use one of {', '.join(KINDS)}")
+        if (utility == "task") != (weights is not None):
+            raise LayershapError("the task utility measures weighted answer tokens: give weights with "
+                                 "utility='task', and no weights with nll or kl")
         self.batch_size = batch_size
         self.players, self.n_blocks = check_players(players), find_layers(model).n_layers
         # Sublayer game: the three units per layer a run can hold (unsupported families refused here).
@@ -178,6 +182,13 @@ class MaskedEvaluator:
         if getattr(config, "residual_in_fp32", False):  # Mamba blocks hand float32 residuals to the next block
             itemsize = max(itemsize, torch.float32.itemsize)
         self.slot_bytes = min(batch_size, self.windows.shape[0]) * self.windows.shape[1] * config.hidden_size * itemsize
+        self.weights = None  # task utility: float32[W, L - 1], 1 where a position predicts an answer token
+        if weights is not None:
+            w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+            if tuple(w.shape) != (self.n_windows, self.windows.shape[1] - 1):
+                raise LayershapError(f"weights must be float[W, L - 1] = {(self.n_windows, self.windows.shape[1] - 1)}"
+                                     f" for windows of shape {tuple(self.windows.shape)}; got {tuple(w.shape)}")
+            self.weights = w.to(self.device)
         self._reference: list[KLReference] | None = None  # per window batch, built on the first KL measurement
         self.last_stats: dict[str, int] = {}
 
@@ -225,7 +236,10 @@ class MaskedEvaluator:
         for values, total in ((nll, sums[0]), (kl, sums[1])):
             if values is None:
                 continue
-            per_window = values.view(len(rows), windows, -1).sum(dim=2, dtype=torch.float64).to(self.device)
+            values = values.view(len(rows), windows, -1)
+            if self.weights is not None:  # the task utility: answer tokens only, summed per question
+                values = values * self.weights[start : start + windows].to(values.device)
+            per_window = values.sum(dim=2, dtype=torch.float64).to(self.device)
             for j, row in enumerate(rows):  # a host->device index tensor would synchronise on CUDA
                 total[row, start : start + windows] += per_window[j]
 
@@ -295,7 +309,7 @@ class MaskedEvaluator:
         An all-False mask runs embeddings -> final norm -> head; a model that cannot do that raises.
         """
         arr = check_masks(masks, self.n_layers)
-        per_window = self.windows.shape[1] - 1
+        per_window = self.windows.shape[1] - 1 if self.weights is None else 1  # a token mean; a question's sum
         with torch.inference_mode():
             sums = self._measure_shared(arr) if self.prefix_sharing else self._measure_plain(arr)
             values = [None if total is None else (total / per_window).cpu().numpy() for total in sums]

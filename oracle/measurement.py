@@ -14,9 +14,23 @@ import numpy as np
 
 from layershap.core.errors import LayershapError
 
-UTILITIES = ("nll", "kl")
+UTILITIES = ("nll", "kl")  # what an evaluator measures per window; the task utility is an NLL of answers
+KINDS = (*UTILITIES, "task")  # what a store's rows can be: text NLL, KL to the dense model, answer NLL of a task
 DEFAULT_TOP_K = 512  # dense next-token log-probabilities kept per token for the KL utility
 KL_FLOOR = 1e-3  # nats: added to a KL before its log, so the full model (KL 0) is finite and the scale is kept
+
+
+def loss_column(utility: str) -> str:
+    """The measured column a utility's loss lives in: ``kl`` for ``kl``, ``nll`` for ``nll`` and ``task`` (the
+    NLL of the gold answers).
+
+    Example:
+        >>> loss_column("task"), loss_column("kl")
+        ('nll', 'kl')
+    """
+    if utility not in KINDS:
+        raise LayershapError(f"unknown utility {utility!r}; use one of {', '.join(KINDS)}")
+    return "kl" if utility == "kl" else "nll"
 
 
 def log_offset(utility: str) -> float:
@@ -45,7 +59,7 @@ class Measurement:
 
     def window_loss(self, utility: str) -> np.ndarray:
         """``float64[k, W]``: the utility's per-window values."""
-        values = self.nll if utility == "nll" else self.kl
+        values = self.kl if loss_column(utility) == "kl" else self.nll
         if values is None:
             raise LayershapError(f"this measurement has no {utility!r} values; measure with utility={utility!r}")
         return values

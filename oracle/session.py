@@ -28,6 +28,7 @@ from .loading import LoadedModel, load_model
 from .measure import CachedOracle, dataset_identity
 from .store import DatasetStore
 from .sublayers import check_players, sublayer_spec
+from .task_utility import TaskSplit, check_task_file, open_task, parse_utility
 from .text import CalibrationText, load_text, make_windows, tokenize_stream
 from .windows import blocks_that_fit, decision_windows, validation_windows
 from .writer_lock import WriterLock
@@ -35,12 +36,14 @@ from .writer_lock import WriterLock
 
 @dataclass
 class OracleSession:
-    """A loaded model, its dataset store and evaluator, and the masks a command asked for."""
+    """A loaded model, its dataset store and evaluator, and the masks a command asked for (``task``: the split
+    multiple-choice task of a ``task:FILE`` utility, else None)."""
 
     loaded: LoadedModel
     store: DatasetStore
     evaluator: MaskedEvaluator
     masks: np.ndarray
+    task: TaskSplit | None = None
 
     def close(self) -> None:
         """Give back the store's write lock (the rows stay readable); a ``with`` block calls it."""
@@ -59,22 +62,26 @@ def _is_new(out: Path) -> bool:
 
 def _check_request(masks: str, n_masks: int | None, text: str, out: Path, windows: int, seq_len: int,
                    seed: int, loading: LoadOptions, utility: str = "nll",
-                   players: str = "blocks") -> tuple[CalibrationText, DatasetStore | None]:
+                   players: str = "blocks") -> tuple[CalibrationText | None, DatasetStore | None]:
     """Cheap checks before any model is loaded: the mask spec, and an existing store at ``out`` must be a
     layershap store made from the same text with the same window count and length (and ``--dtype``, when one is
-    given) that the masks fit, with no other process writing it. Returns the text and the existing store
-    (``None`` for a new one)."""
+    given) that the masks fit, with no other process writing it. Returns the text (None for a task utility,
+    whose questions replace it) and the existing store (``None`` for a new one)."""
     check_mask_spec(masks)
     check_players(players)
+    kind, task_file = parse_utility(utility)
+    if kind == "task":
+        check_task_file(task_file)
     if n_masks is not None and not masks.strip().startswith("stratified"):
         raise LayershapError(f"--n-masks applies to the stratified mask specs only, not to {masks!r}")
-    calibration = load_text(text)
+    calibration = None if kind == "task" else load_text(text)
     if _is_new(out):
         return calibration, None
     existing = DatasetStore.open(out)
     parse_mask_spec(masks, existing.n_layers, n_masks, seed)
-    existing.check_identity({"text_id": calibration.text_id, "n_windows": windows, "seq_len": seq_len,
-                             "utility": utility, "game": players,
+    text_keys = {} if calibration is None else {"text_id": calibration.text_id, "n_windows": windows,
+                                                "seq_len": seq_len}
+    existing.check_identity({**text_keys, "utility": kind, "game": players,
                              **({"dtype": loading.dtype} if loading.dtype else {})})
     WriterLock.check_free(out)  # another run writing it: refused before the model is loaded
     print(f"extending {out}: {len(existing)} rows stored")
@@ -101,7 +108,9 @@ def open_session(
 
     ``masks`` is a mask spec (``loo``, ``stratified``, ``stratified-all``, ``file:PATH``); ``n_masks`` applies to
     the stratified specs only; ``loading``: device, dtype and device map of the model (``device_map="auto"``
-    shards it over the GPUs); ``utility``: what a row measures (``nll``, or ``kl`` to the dense model);
+    shards it over the GPUs); ``utility``: what a row measures (``nll``, ``kl`` to the dense model, or
+    ``task:FILE``: the NLL of a multiple-choice task's gold answers, its questions replacing the text's windows:
+    :mod:`.task_utility`);
     ``players``: ``blocks`` (a mask entry per decoder layer) or ``sublayers`` (attention and MLP apart). Prints
     one line about the store and the masks still to measure. The session holds the store's write lock: close it
     (or use it in a ``with`` block).
@@ -114,24 +123,35 @@ def open_session(
         raise LayershapError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     out = Path(out)
     calibration, _ = _check_request(masks, n_masks, text, out, windows, seq_len, seed, loading, utility, players)
+    kind, task_file = parse_utility(utility)
     loaded = load_model(model, **loading.as_kwargs())
     if players == "sublayers":
         sublayer_spec(loaded.model)  # an unsupported family is refused before any store is made
-    token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
-    identity = dataset_identity(loaded, calibration.text_id, token_windows, seq_len, game=players, utility=utility)
+    task, weights = None, None
+    if calibration is None:
+        task = open_task(task_file, loaded.tokenizer, seed)
+        token_windows, weights = task.calibration.ids, task.calibration.weights
+        text_id, seq_len = task.text_id, token_windows.shape[1] - 1
+    else:
+        token_windows = make_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed)
+        text_id = calibration.text_id
+    identity = dataset_identity(loaded, text_id, token_windows, seq_len, game=players, utility=kind,
+                                task=None if task is None else task.identity())
     wanted = unique_rows(parse_mask_spec(masks, identity["n_layers"], n_masks, seed))
     store = DatasetStore.create_or_open(out, identity, token_windows)  # identity mismatch -> error, nothing written
     todo = int(store.missing(wanted).sum())
     what = (f"{identity['n_layers'] // 2} layers ({identity['n_layers']} attention/MLP players)"
             if players == "sublayers" else f"{identity['n_layers']} layers")
+    shape = (f"{token_windows.shape[0]} x {token_windows.shape[1]} tokens" if task is None else
+             f"{token_windows.shape[0]} questions of task {task.task.name} (padded to {token_windows.shape[1]} "
+             f"tokens; {len(task.decision)} more decide the plans)")
     print(
         f"{loaded.model_id}: {what}, {identity['dtype']} on {loaded.device}; "
-        f"{token_windows.shape[0]} x {token_windows.shape[1]} tokens; {len(wanted)} masks asked for, "
-        f"{len(wanted) - todo} already stored, {todo} to measure"
+        f"{shape}; {len(wanted)} masks asked for, {len(wanted) - todo} already stored, {todo} to measure"
     )
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
-                                cache_mb=cache_mb, utility=utility, players=players)
-    return OracleSession(loaded, store, evaluator, wanted)
+                                cache_mb=cache_mb, utility=kind, players=players, weights=weights)
+    return OracleSession(loaded, store, evaluator, wanted, task)
 
 
 def open_validation(session: OracleSession, *, text: str, out: str | Path, windows: int, seq_len: int, seed: int,
@@ -144,8 +164,8 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
         >>> val.loss(masks)  # doctest: +SKIP
     """
     token_windows = validation_windows(session.loaded.tokenizer, load_text(text).text, windows, seq_len, seed)
-    return _block_oracle(session, text, Path(out), token_windows, seq_len, batch_size, cache_mb, progress,
-                         "validation windows")
+    return _block_oracle(session, load_text(text).text_id, Path(out), token_windows, seq_len, batch_size, cache_mb,
+                         progress, "validation windows")
 
 
 def open_decision_blocks(session: OracleSession, *, text: str, out: str | Path, windows: int, seq_len: int,
@@ -163,6 +183,10 @@ def open_decision_blocks(session: OracleSession, *, text: str, out: str | Path, 
         >>> [b.window_loss(masks) for b in blocks]  # doctest: +SKIP
     """
     loaded = session.loaded
+    if session.task is not None:  # the task utility: blocks of the questions the calibration set left out
+        return [_block_oracle(session, session.task.text_id, Path(out) / f"decision-{b}.zarr", w.ids,
+                              w.ids.shape[1] - 1, batch_size, cache_mb, progress, f"decision block {b}", w.weights)
+                for b, w in enumerate(session.task.decision_blocks(n_blocks))]
     calibration = load_text(text)
     stream = tokenize_stream(loaded.tokenizer, calibration.text)
     fit = blocks_that_fit(stream.size, windows, seq_len, block_windows, block_seq_len)
@@ -175,19 +199,21 @@ def open_decision_blocks(session: OracleSession, *, text: str, out: str | Path, 
                              "shorter or fewer windows")
     blocks = decision_windows(loaded.tokenizer, calibration.text, windows, seq_len, seed, block_windows,
                               block_seq_len, min(fit, n_blocks))
-    return [_block_oracle(session, text, Path(out) / f"decision-{b}.zarr", w, block_seq_len, batch_size, cache_mb,
-                          progress, f"decision block {b}") for b, w in enumerate(blocks)]
+    return [_block_oracle(session, calibration.text_id, Path(out) / f"decision-{b}.zarr", w, block_seq_len,
+                          batch_size, cache_mb, progress, f"decision block {b}") for b, w in enumerate(blocks)]
 
 
-def _block_oracle(session: OracleSession, text: str, path: Path, token_windows: np.ndarray, seq_len: int,
-                  batch_size: int, cache_mb: int | None, progress: bool, label: str) -> CachedOracle:
+def _block_oracle(session: OracleSession, text_id: str, path: Path, token_windows: np.ndarray, seq_len: int,
+                  batch_size: int, cache_mb: int | None, progress: bool, label: str,
+                  weights: np.ndarray | None = None) -> CachedOracle:
     loaded = session.loaded
     utility, players = session.evaluator.utility, session.evaluator.players
-    identity = dataset_identity(loaded, load_text(text).text_id, token_windows, seq_len, game=players,
-                                utility=utility)
+    identity = dataset_identity(loaded, text_id, token_windows, seq_len, game=players, utility=utility,
+                                task=None if session.task is None else session.task.identity())
     store = DatasetStore.create_or_open(path, identity, token_windows)
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
-                                cache_mb=cache_mb, utility=utility, top_k=session.evaluator.top_k, players=players)
+                                cache_mb=cache_mb, utility=utility, top_k=session.evaluator.top_k, players=players,
+                                weights=weights)
     return CachedOracle(evaluator, store, label=label, progress=progress)
 
 

@@ -6,7 +6,8 @@ Layout::
                            n_layers, layer_types, text_id, windows_sha256, n_windows, seq_len, dtype, game,
                            utility), n_rows
         masks      (N, n) bool, True = layer kept
-        nll        (N,)   float64, mean token NLL in nats (log-perplexity)
+        nll        (N,)   float64, mean token NLL in nats (log-perplexity); utility ``task``: the mean NLL of a
+                          multiple-choice task's gold answers, nats per question (windows: one per question)
         seconds    (N,)   float64, wall-clock seconds the measurement took
         windows    (W, L) int64, the exact token windows every mask was measured on
         window_nll (N, W) float64, the NLL of each window (NaN: rows measured before per-window values were kept)
@@ -58,6 +59,7 @@ from layershap.core.jsonio import jsonable, package_version
 from layershap.core.masks import check_masks
 
 from .identity import legacy_hash_reason
+from .measurement import loss_column
 from .text import windows_sha256
 from .writer_lock import LOCK_FILE, WriterLock
 
@@ -73,7 +75,8 @@ IDENTITY_KEYS = (
 GAME_DEFAULTS = {"game": "blocks", "utility": "nll"}
 # Identity keys only some games have: ``players`` names the mask entries of a sublayer store ("3.attn", "3.mlp");
 # a blocks store has none, so its attributes and content hash are those of a store written before sublayers.
-OPTIONAL_KEYS = ("players",)
+# ``task`` describes the multiple-choice task a ``task`` store measures (name, file, content hash, split).
+OPTIONAL_KEYS = ("players", "task")
 # Keys that must agree for two runs to share a store. model_id may differ (same weights under another path);
 # dtype is checked because float32 and bfloat16 measurements must never be mixed silently.
 MATCH_KEYS = ("model_hash", "text_id", "windows_sha256", "n_layers", "dtype", *GAME_DEFAULTS)
@@ -330,7 +333,8 @@ class DatasetStore:
 
     @property
     def utility(self) -> str:
-        """What the rows' loss is: ``nll`` (mean token NLL) or ``kl`` (mean token KL to the dense model)."""
+        """What the rows' loss is: ``nll`` (mean token NLL), ``kl`` (mean token KL to the dense model) or ``task``
+        (mean NLL of a multiple-choice task's gold answers, per question; the task is ``attrs["task"]``)."""
         return str(self._attrs["utility"])
 
     @property
@@ -345,12 +349,13 @@ class DatasetStore:
 
     @property
     def loss(self) -> np.ndarray:
-        """``float64[N]``: the utility's column (``nll`` or ``kl``), lower = better (a copy)."""
-        return self._rows[self.utility].copy()
+        """``float64[N]``: the utility's column (``nll`` or ``kl``; a task store's answer NLL is its ``nll``), lower
+        = better (a copy)."""
+        return self._rows[loss_column(self.utility)].copy()
 
     def window_loss(self) -> np.ndarray:
         """``float64[N, W]``: the utility's per-window values; NaN rows for rows stored without them (a copy)."""
-        name = f"window_{self.utility}"
+        name = f"window_{loss_column(self.utility)}"
         if name not in self._rows:
             return np.full((len(self), int(self._attrs["n_windows"])), np.nan)
         return self._rows[name].copy()
@@ -390,8 +395,8 @@ class DatasetStore:
         h.update(json.dumps(hashed, sort_keys=True).encode())
         h.update(np.ascontiguousarray(self._rows["masks"][:n], dtype=np.uint8).tobytes())
         h.update(np.ascontiguousarray(self._rows["nll"][:n], dtype="<f8").tobytes())
-        if self.utility != "nll":
-            h.update(np.ascontiguousarray(self._rows[self.utility][:n], dtype="<f8").tobytes())
+        if loss_column(self.utility) != "nll":
+            h.update(np.ascontiguousarray(self._rows[loss_column(self.utility)][:n], dtype="<f8").tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------------ writing

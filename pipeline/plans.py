@@ -48,12 +48,16 @@ def default_ks(n_layers: int) -> list[int]:
 
 def decision_shape(session: OracleSession) -> tuple[int, int]:
     """Windows and tokens per window of one decision block: the device's (:data:`~layershap.pruning.budget.DECISION`),
-    the window shortened to the model's position limit.
+    the window shortened to the model's position limit (a task utility's: its decision questions in that many
+    blocks, at the calibration questions' padded length).
 
     Example:
         >>> decision_shape(session)          # (4, 256) on CPU  # doctest: +SKIP
     """
     dec = DECISION["cuda" if session.evaluator.device.type == "cuda" else "cpu"]
+    if session.task is not None:  # the task utility: the decision questions in the device's number of blocks
+        return (max(1, len(session.task.decision) // dec["max_blocks"]),
+                int(session.task.calibration.ids.shape[1] - 1))
     return dec["windows"], fit_seq_len(session.loaded.model, session.loaded.tokenizer, dec["seq_len"])
 
 
@@ -201,12 +205,18 @@ def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None, names: l
         >>> print(format_plans(read_plans("runs/gemma-3-270m")))  # doctest: +SKIP
     """
     utility = doc.get("utility", "nll")
-    title = (f"verified plans ({utility}; screened on calibration windows, decided on fresh ones): full model "
-             f"perplexity {doc['full_perplexity']:.4g}")
-    lines = [title, f"  {'K':>3}  {'remove':<24} {'calib ppl':>10} {'decision':>9} {'margin':>8}  runner-up"
+    task = utility == "task"  # a task's answer NLL (nats per question) is shown as it is: no perplexity
+    full = (f"answer NLL {doc['full_nll']:.4g} nats per question" if task
+            else f"perplexity {doc['full_perplexity']:.4g}")
+    title = (f"verified plans ({utility}; screened on calibration "
+             f"{'questions' if task else 'windows'}, decided on fresh ones): full model {full}")
+    calib = "calib NLL" if task else "calib ppl"
+    lines = [title, f"  {'K':>3}  {'remove':<24} {calib:>10} {'decision':>9} {'margin':>8}  runner-up"
              + ("  lowest scores" if lowest else "")]
     for p in doc["plans"]:
-        dec = "-" if p["decision_perplexity"] is None else f"{p['decision_perplexity']:.4g}"
+        value, dec_value = ((math.log(p["perplexity"]), p["decision_loss"]) if task
+                            else (p["perplexity"], p["decision_perplexity"]))
+        dec = "-" if dec_value is None else f"{dec_value:.4g}"
         margin = ("-" if p["separated"] is None else ">99 se" if p["margin_se"] is None
                   else f"{p['margin_se']:.1f} se")
         def shown(players: list[int]) -> str:
@@ -214,7 +224,7 @@ def format_plans(doc: dict, lowest: dict[int, list[int]] | None = None, names: l
 
         runner = "-" if p["runner_up"] is None else shown(p["runner_up"])
         extra = f"  {shown(lowest[p['k']])}" if lowest and p["k"] in lowest else ""
-        lines.append(f"  {p['k']:>3}  {shown(p['removed']):<24} {p['perplexity']:>10.4g} {dec:>9} {margin:>8}  "
+        lines.append(f"  {p['k']:>3}  {shown(p['removed']):<24} {value:>10.4g} {dec:>9} {margin:>8}  "
                      f"{runner}{extra}")
     lines.append(f"  {doc['passes']} screening passes ({doc['calibration']['tokens_per_pass']} tokens each), "
                  f"{doc['decision_passes']} decision passes ({doc['decision']['tokens_per_block']} tokens each); "

@@ -179,7 +179,7 @@ def summarize(record: ScoresRecord, store: DatasetStore, plans: dict) -> dict:
     return {"model_id": record.model_id, "n_layers": n, **game, "index": scores.index, "utility": store.utility,
             "full_perplexity": math.exp(full_nll), "layers": layers, "plans": plans["plans"],
             "plan_document": {key: plans[key] for key in ("utility", "calibration", "decision", "passes",
-                                                          "decision_passes", "stopped", "full_perplexity")},
+                                                          "decision_passes", "stopped", "full_perplexity", "full_nll")},
             "suggestions": suggestions}
 
 
@@ -189,16 +189,20 @@ def format_summary(summary: dict) -> str:
     Example:
         >>> print(format_summary(summary))  # doctest: +SKIP
     """
-    title = (f"{summary['model_id']}: {summary['n_layers']} layers, full-model perplexity "
-             f"{summary['full_perplexity']:.2f}; scores = {summary['index']} of -{summary.get('utility', 'nll')} (higher = more "
-             "important)")
+    task = summary.get("utility") == "task"  # answer NLL in nats per question, no perplexity
+    full = (f"full-model answer NLL {math.log(summary['full_perplexity']):.4f} nats per question" if task
+            else f"full-model perplexity {summary['full_perplexity']:.2f}")
+    title = (f"{summary['model_id']}: {summary['n_layers']} layers, {full}; scores = {summary['index']} of "
+             f"-{summary.get('utility', 'nll')} (higher = more important)")
     if summary.get("game") == "sublayers":
         lines = [title.replace(f"{summary['n_layers']} layers", f"{summary['n_layers'] // 2} layers x "
                                                                    "(attention, MLP)"), *_sublayer_table(summary)]
     else:
-        lines = [title, f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {'LOO ppl':>10}"]
+        loo_head = "LOO NLL" if task else "LOO ppl"
+        lines = [title, f"{'layer':>5}  {'score':>10}  {'± s.e.':>8}  {'rank':>4}  {loo_head:>10}"]
         for row in summary["layers"]:
-            loo = f"{row['loo_perplexity']:.4g}" if row["loo_perplexity"] is not None else "-"
+            loo = ("-" if row["loo_perplexity"] is None else
+                   f"{math.log(row['loo_perplexity']) if task else row['loo_perplexity']:.4g}")
             lines.append(f"{row['layer']:>5}  {row['score']:>10.4f}  {row['stderr']:>8.4f}  {row['rank']:>4}  "
                          f"{loo:>10}")
     lines.append("rank 1 = least important (removed first)")

@@ -29,7 +29,8 @@ from .network import MaskNet, encode_masks
 FORMAT = "layershap-surrogate"
 FORMAT_VERSION = 2  # 2: target log(nll) standardized (target_mean, target_std); 1 was plain nll
 TARGET = "log_nll"  # the nll surrogate's target; a kl surrogate's is TARGETS["kl"]
-TARGETS = {"nll": TARGET, "kl": "log_kl"}  # utility -> what members learn: log(loss + log_offset(utility))
+# utility -> what members learn: log(loss + log_offset(utility)); a task's loss is its gold answers' NLL
+TARGETS = {"nll": TARGET, "kl": "log_kl", "task": "log_answer_nll"}
 METADATA_FILE = "metadata.json"
 # Activation bytes per forward pass: chunks whose hidden activations stay in the CPU caches run the network
 # 2-3x faster than 64k-mask chunks that stream through memory (n=20 exact Shapley: 1.5 s -> 0.55 s).
@@ -47,8 +48,8 @@ def predict_chunk(hidden: int) -> int:
 
 
 class Surrogate:
-    """An ensemble of :class:`MaskNet` members that predicts a model's loss (nll, or the KL to the dense model:
-    the ``utility`` of the rows it learned from) for any layer mask.
+    """An ensemble of :class:`MaskNet` members that predicts a model's loss (nll, the KL to the dense model, or a
+    task's answer NLL: the ``utility`` of the rows it learned from) for any layer mask.
 
     ``metadata`` holds model_id, model_hash, n_layers, dataset_hash, target (``"log_nll"`` or ``"log_kl"``),
     target_mean, target_std (each member outputs ``(log(loss + offset) - target_mean) / target_std``, offset

@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from layershap.core.errors import LayershapError
 from layershap.core.masks import check_masks
-from layershap.oracle.measurement import UTILITIES, log_offset
+from layershap.oracle.measurement import KINDS, log_offset
 from layershap.oracle.store import DatasetStore
 
 from .network import encode_masks
@@ -86,7 +86,7 @@ class MaskDataModule(L.LightningDataModule):
     ``folds`` folds (see :func:`stratified_folds`); :meth:`hold_out` picks the fold a network is scored on
     (``test_index``) and the next one, on which it early-stops (``val_index``); it fits on the others
     (``train_index``). The members of an ensemble are scored on different folds and together learn from
-    every row. ``nll`` holds the rows' losses in the store's ``utility`` (``nll`` or ``kl``). The target is
+    every row. ``nll`` holds the rows' losses in the store's ``utility`` (``nll``, ``kl`` or ``task``). The target is
     ``log(loss + offset)`` (offset 0 for nll, :data:`~layershap.oracle.measurement.KL_FLOOR` for kl) standardized with the mean and std over all rows: log-perplexities span 3 to 50 nats once
     cornerstone layers go, and on the log scale the pruning-relevant masks (nll near the full model's) are no
     longer drowned by them (Gemma-3-270M, 256 masks: 0.45 instead of 1.1 nats held-out RMSE on those masks).
@@ -114,13 +114,13 @@ class MaskDataModule(L.LightningDataModule):
             raise LayershapError(f"{len(masks)} masks but {len(nll)} nll values")
         order = canonical_order(masks)  # the same rows in any order give the same folds and training
         self.masks, self.nll = masks[order], nll[order]
-        if utility not in UTILITIES:
-            raise LayershapError(f"unknown utility {utility!r}; give one of {', '.join(UTILITIES)}")
+        if utility not in KINDS:
+            raise LayershapError(f"unknown utility {utility!r}; give one of {', '.join(KINDS)}")
         self.utility, self.offset = utility, log_offset(utility)
         if not np.isfinite(self.nll).all():
             raise LayershapError(f"the {utility} values contain NaN or infinity; only finite measurements can be "
                                  "learned")
-        if utility == "nll" and not (self.nll > 0).all():
+        if utility in ("nll", "task") and not (self.nll > 0).all():
             raise LayershapError(
                 f"the nll values must be positive (mean token negative log-likelihood); got minimum "
                 f"{self.nll.min():.6g}. Store log-perplexities, not log-likelihoods or accuracies"

@@ -7,8 +7,11 @@ names any of its four choices is left out (it would give the answer away or conf
 are read from the source files with ``ast`` (nothing is imported that runs code); only C modules are imported.
 The committed file was made with Python 3.11; another version writes other items.
 
+The halves ``pydoc_mc_plan`` and ``pydoc_mc_check`` (even and odd ids, a YAML each) let a plan chosen on one
+be judged on questions it never saw.
+
 Example:
-    $ python benchmarks/tasks/make_pydoc_mc.py            # writes benchmarks/tasks/pydoc_mc.jsonl
+    $ python benchmarks/tasks/make_pydoc_mc.py    # writes pydoc_mc.jsonl, pydoc_mc_{plan,check}.{jsonl,yaml}
 """
 
 from __future__ import annotations
@@ -102,10 +105,30 @@ def items(found: dict[str, dict[str, str]]) -> list[dict]:
     return [dict(item, id=i) for i, item in enumerate(out)]
 
 
+HALVES = {"plan": 0, "check": 1}  # pydoc_mc_<half>.jsonl: the items of even / odd id
+HALF_YAML = """# pydoc_mc_{half}: the items of pydoc_mc (beside this file) with {parity} id, written by make_pydoc_mc.py.
+# The two halves share no question: a plan made for one (`--utility task:pydoc_mc_plan.yaml`) is judged on the
+# other (`layershap evaluate --tasks pydoc_mc_check --task-dir benchmarks/tasks`).
+include: pydoc_mc.yaml
+task: pydoc_mc_{half}
+dataset_kwargs:
+  data_files:
+    test: pydoc_mc_{half}.jsonl
+"""
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def main() -> None:
     path = Path(__file__).with_name("pydoc_mc.jsonl")
     rows = items(descriptions())
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(path, rows)
+    for half, parity in HALVES.items():
+        write_rows(path.with_name(f"pydoc_mc_{half}.jsonl"), [r for r in rows if r["id"] % 2 == parity])
+        path.with_name(f"pydoc_mc_{half}.yaml").write_text(
+            HALF_YAML.format(half=half, parity="even" if parity == 0 else "odd"))
     by_kind = {k: sum(r["kind"] == k for r in rows) for k in MAX_ITEMS}
     print(f"wrote {path}: {len(rows)} items {by_kind}, answers {[sum(r['answer'] == i for r in rows) for i in range(4)]}")
 
