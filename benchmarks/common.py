@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS, main_job_masks
+from layershap.core.load_options import LoadOptions
 from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.measure import measure_masks
 from layershap.oracle.session import open_session
@@ -58,8 +59,8 @@ def layershap_run(model: str, text: str, folder: Path, seed: int, utility: str =
     the plans document and the tokens a fresh run measures (every row of its stores)."""
     folder.mkdir(parents=True, exist_ok=True)
     session = open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr",
-                           windows=CALIBRATION_WINDOWS, seq_len=CALIBRATION_SEQ_LEN, seed=seed, device="cpu",
-                           utility=utility)
+                           windows=CALIBRATION_WINDOWS, seq_len=CALIBRATION_SEQ_LEN, seed=seed,
+                           loading=LoadOptions(device="cpu"), utility=utility)
     with session:
         n = session.store.n_layers
         measure_masks(session.evaluator, session.store,
