@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+from layershap.core.defaults import HEAL_RIDGE, HEAL_SEQ_LEN, HEAL_WINDOWS
 from layershap.core.load_options import CPU_LOADING, LoadOptions
 
-from .prune import HEAL_RIDGE, HEAL_SEQ_LEN, HEAL_WINDOWS, prune
+from .prune import prune
 
 
 def heal(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Literal
 
 from layershap.core.defaults import CALIBRATION_SEQ_LEN, CALIBRATION_WINDOWS
+from layershap.core.errors import LayershapError
 from layershap.core.load_options import DEFAULT_LOADING, LoadOptions
 
 from .options import non_negative, positive
@@ -38,6 +39,7 @@ def plan(
     cache_mb: int | None = None,
     progress: bool = True,
     players: Literal["blocks", "sublayers"] = "blocks",
+    heal: str | None = None,
 ) -> int:
     """Verified depth-pruning plans: best removal sets per K, measured, decided on fresh windows.
 
@@ -58,6 +60,9 @@ def plan(
         cache_mb: memory budget (MiB) for cached hidden states of shared layer prefixes (oracle).
         progress: show progress bars.
         players: blocks = decoder layers; sublayers = each layer's attention and MLP apart (K counts sublayers).
+        heal: also plan for the healed model: bias, linear or lowrank:R (every candidate measured after its
+            training-free recovery, fitted as `layershap heal` does), into OUT/heal-<method>/ beside the unhealed
+            plans.
     """
     from pathlib import Path
 
@@ -73,6 +78,8 @@ def plan(
     for k in remove or []:
         positive("remove", k)
     parse_utility(utility)
+    if heal is not None:
+        check_heal(heal, players)
     folder = Path(out) if out is not None else default_out(model)
     folder.mkdir(parents=True, exist_ok=True)
     with open_session(model=model, text=text, masks="loo", out=folder / "dataset.zarr", windows=windows,
@@ -80,7 +87,26 @@ def plan(
                       utility=utility, players=players) as session:
         doc = run_plans(session, text=text, out=folder, ks=remove, total_tokens=tokens, seed=seed,
                         batch_size=batch_size, cache_mb=cache_mb, progress=progress)
-    print(format_plans(doc, names=doc.get("players")))
+        print(format_plans(doc, names=doc.get("players")))
+        if heal is not None:
+            from layershap.pipeline.heal_plans import format_healed, heal_folder, run_healed_plans
+
+            healed = run_healed_plans(session, text=text, method=heal, out=folder, ks=remove, total_tokens=tokens,
+                                      seed=seed, batch_size=batch_size, cache_mb=cache_mb, progress=progress)
+            print(format_healed(healed))
+            print(f"wrote {heal_folder(folder, heal) / 'plans.json'}; heal one with `layershap heal --model "
+                  f"{model} --plans {heal_folder(folder, heal)} --remove K --method {heal} --out DIR`")
     print(f"wrote {folder / 'plans.json'}; prune with `layershap prune --model {model} --plans {folder} "
           f"--remove K --out DIR`")
     return 0
+
+
+def check_heal(heal: str, players: str) -> None:
+    """A ``--heal`` method heal-aware plans can use (before any model is loaded), else one line."""
+    from layershap.pruning.heal import parse_method
+
+    if parse_method(heal)[0] == "distill":
+        raise LayershapError("--heal distill trains for minutes per set; heal-aware plans use bias, linear or "
+                             "lowrank:R (distill the chosen plan afterwards with layershap heal)")
+    if players != "blocks":
+        raise LayershapError("heal-aware plans work on whole blocks; drop --heal for --players sublayers")

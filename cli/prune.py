@@ -18,13 +18,11 @@ Example:
 
 from __future__ import annotations
 
+from layershap.core.defaults import HEAL_RIDGE, HEAL_SEQ_LEN, HEAL_WINDOWS
 from layershap.core.errors import LayershapError
 from layershap.core.load_options import CPU_LOADING, LoadOptions
 
 from .options import non_negative, positive
-
-# calibration of a healing fit: 16 x 256 tokens; 32 close no more of the gap at K = 4 (benchmarks/healing.py)
-HEAL_WINDOWS, HEAL_SEQ_LEN, HEAL_RIDGE = 16, 256, 1e-4  # = layershap.pruning.heal.DEFAULT_RIDGE
 
 
 def prune(

@@ -42,6 +42,7 @@ def run(
     tokens: int | None = None,
     utility: str = "nll",
     players: Literal["blocks", "sublayers"] = "blocks",
+    heal: str | None = None,
     register: bool = True,
     progress: bool = True,
 ) -> int:
@@ -73,6 +74,8 @@ def run(
             lm-eval YAML; its questions replace --text, --windows and --seq-len).
         players: blocks = decoder layers; sublayers = each layer's attention and MLP apart (2n players: entry 2i
             is layer i's attention, 2i+1 its MLP; --remove counts sublayers; Llama, Mistral, Qwen 2/3, Gemma 2/3).
+        heal: also plan for the healed model: bias, linear or lowrank:R (every candidate measured after its
+            training-free recovery, fitted as `layershap heal` does), into OUT/heal-<method>/.
         register: add the trained surrogate to the registry (`layershap registry list`).
         progress: show progress bars.
     """
@@ -89,9 +92,13 @@ def run(
     for k in remove or []:
         positive("remove", k)
     parse_utility(utility)
+    if heal is not None:
+        from layershap.cli.plan import check_heal
+
+        check_heal(heal, players)
     run_main_job(model=model, text=text, out=None if out is None else Path(out), n_masks=n_masks,
                  sampling=sampling, active_rows=active_rows, windows=windows, seq_len=seq_len, seed=seed,
                  loading=loading, batch_size=batch_size, cache_mb=cache_mb, members=members, hidden=hidden,
-                 tokens=tokens, remove=remove, utility=utility, players=players, register=register,
+                 tokens=tokens, remove=remove, utility=utility, players=players, heal=heal, register=register,
                  progress=progress)
     return 0

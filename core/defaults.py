@@ -31,3 +31,8 @@ def main_job_masks(n_layers: int) -> int:
         (54, 96)
     """
     return max(48, 3 * n_layers)
+
+
+# Calibration of a healing fit (``layershap heal``, ``prune --heal``, heal-aware plans): 16 x 256 tokens; 32 close
+# no more of the gap at K = 4 (benchmarks/healing.py). The ridge equals layershap.pruning.heal.DEFAULT_RIDGE.
+HEAL_WINDOWS, HEAL_SEQ_LEN, HEAL_RIDGE = 16, 256, 1e-4

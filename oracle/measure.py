@@ -38,10 +38,12 @@ MASKS_PER_CALL = 32
 
 
 def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq_len: int, *,
-                     game: str = "blocks", utility: str = "nll", task: dict | None = None) -> dict:
+                     game: str = "blocks", utility: str = "nll", task: dict | None = None,
+                     heal: str = "none") -> dict:
     """The identity attributes of a store measured with ``loaded`` on ``windows`` cut from text ``text_id``
     (``game``: what a False in a mask removes, ``blocks`` or ``sublayers``; ``utility``: what a row measures;
-    ``task``: the task of a ``task`` utility, :meth:`~layershap.oracle.task_utility.TaskSplit.identity`).
+    ``task``: the task of a ``task`` utility, :meth:`~layershap.oracle.task_utility.TaskSplit.identity`; ``heal``:
+    the healing every mask is measured after, :meth:`~layershap.pruning.heal_aware.SpanFitter.identity`).
 
     A ``sublayers`` identity has ``n_layers`` = the mask width (two players per decoder layer), per-player
     ``layer_types`` (the layer's attention type, or ``mlp``) and the player names (``players``).
@@ -67,6 +69,7 @@ def dataset_identity(loaded: LoadedModel, text_id: str, windows: np.ndarray, seq
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "game": game,
         "utility": utility,
+        "heal": heal,
         **({"players": player_names(n_blocks)} if sublayers else {}),
         **({"task": task} if task is not None else {}),
     }

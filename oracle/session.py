@@ -10,9 +10,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -37,13 +38,16 @@ from .writer_lock import WriterLock
 @dataclass
 class OracleSession:
     """A loaded model, its dataset store and evaluator, and the masks a command asked for (``task``: the split
-    multiple-choice task of a ``task:FILE`` utility, else None)."""
+    multiple-choice task of a ``task:FILE`` utility, else None; ``heal`` and ``wrap``: the healing a heal-aware
+    session measures after, and what makes a decision block's evaluator measure the same way)."""
 
     loaded: LoadedModel
     store: DatasetStore
     evaluator: MaskedEvaluator
     masks: np.ndarray
     task: TaskSplit | None = None
+    heal: str = "none"  # the healing every mask is measured after (heal-aware plans), else none
+    wrap: Callable[[MaskedEvaluator], Any] | None = None  # turns a block's evaluator into the session's kind
 
     def close(self) -> None:
         """Give back the store's write lock (the rows stay readable); a ``with`` block calls it."""
@@ -209,11 +213,13 @@ def _block_oracle(session: OracleSession, text_id: str, path: Path, token_window
     loaded = session.loaded
     utility, players = session.evaluator.utility, session.evaluator.players
     identity = dataset_identity(loaded, text_id, token_windows, seq_len, game=players, utility=utility,
-                                task=None if session.task is None else session.task.identity())
+                                task=None if session.task is None else session.task.identity(), heal=session.heal)
     store = DatasetStore.create_or_open(path, identity, token_windows)
     evaluator = MaskedEvaluator(loaded.model, token_windows, batch_size=batch_size, device=loaded.device,
                                 cache_mb=cache_mb, utility=utility, top_k=session.evaluator.top_k, players=players,
                                 weights=weights)
+    if session.wrap is not None:
+        evaluator = session.wrap(evaluator)
     return CachedOracle(evaluator, store, label=label, progress=progress)
 
 

@@ -67,12 +67,13 @@ SCHEMA_VERSION = 1
 ROWS_ATTR = "n_rows"
 IDENTITY_KEYS = (
     "model_id", "model_hash", "n_layers", "layer_types", "text_id", "windows_sha256", "n_windows", "seq_len", "dtype",
-    "game", "utility",
+    "game", "utility", "heal",
 )
 # What a mask means (``game``: which players a False removes, e.g. whole blocks) and what a row measures
-# (``utility``: mean token NLL, or another). Stores written before these keys existed are blocks / nll; keys at
+# (``utility``: mean token NLL, or another; ``heal``: the training-free healing every mask was measured after, e.g.
+# ``linear;ridge=0.0001;fit=<hash>x16``, or none). Stores written before these keys existed are blocks / nll; keys at
 # their defaults are left out of the content hash, so such stores keep the hash their surrogates recorded.
-GAME_DEFAULTS = {"game": "blocks", "utility": "nll"}
+GAME_DEFAULTS = {"game": "blocks", "utility": "nll", "heal": "none"}
 # Identity keys only some games have: ``players`` names the mask entries of a sublayer store ("3.attn", "3.mlp");
 # a blocks store has none, so its attributes and content hash are those of a store written before sublayers.
 # ``task`` describes the multiple-choice task a ``task`` store measures (name, file, content hash, split).

@@ -72,6 +72,7 @@ def run_main_job(
     remove: list[int] | None = None,
     utility: str = "nll",
     players: str = "blocks",
+    heal: str | None = None,
     register: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -84,7 +85,8 @@ def run_main_job(
     a smaller total shrinks the plan search in proportion, a total below what the K range needs is refused before
     anything is measured); ``remove``: the K values to plan (default 1 .. 30 % of the layers); ``utility``: ``nll``
     or ``kl``; ``players``: ``blocks`` (decoder layers) or ``sublayers`` (each layer's attention and MLP apart:
-    2n players, K counts sublayers); ``register``: add the surrogate to the registry.
+    2n players, K counts sublayers); ``heal``: also plan for the model healed with this training-free method
+    (``bias``, ``linear``, ``lowrank:R``; into ``heal-<method>/``); ``register``: add the surrogate to the registry.
 
     Example:
         >>> run_main_job(model="./tiny", out=Path("runs/tiny"), n_masks=24, windows=2, seq_len=16)  # doctest: +SKIP
@@ -122,6 +124,14 @@ def run_main_job(
                       cache_mb=cache_mb, progress=progress)
     print(f"{plans['passes']} new screening passes, {plans['decision_passes']} decision passes; {len(store)} rows in "
           f"{store_path}")
+    healed = None
+    if heal is not None:
+        from .heal_plans import format_healed, run_healed_plans
+
+        _heading(f"2b/5 plans for the model healed with {heal}")
+        healed = run_healed_plans(session, text=text, method=heal, out=out, ks=ks, budget=budget, seed=seed,
+                                  batch_size=batch_size, cache_mb=cache_mb, progress=progress)
+        print(format_healed(healed))
     session.close()  # the store's write lock: nothing below writes to it
 
     _heading("3/5 surrogate: learn mask -> log-perplexity")
@@ -134,6 +144,8 @@ def run_main_job(
 
     _heading("5/5 summary")
     summary = summarize(record, store, plans)
+    if healed is not None:
+        summary["healed_plans"] = {"heal": healed["heal"], "plans": healed["plans"]}
     print(format_summary(summary))
     write_json(out / "summary.json", summary)
     if register:

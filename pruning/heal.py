@@ -246,6 +246,18 @@ def healing_applied(model: nn.Module, healing: Healing) -> Iterator[nn.Module]:
         >>> with healing_applied(model, healing):  # doctest: +SKIP
         ...     nll = model(ids, labels=ids, use_cache=False).loss
     """
+    with patches_installed(model, healing), skip_layers(model, healing.mask):
+        yield model
+
+
+@contextlib.contextmanager
+def patches_installed(model: nn.Module, healing: Healing) -> Iterator[None]:
+    """The healing's patches on their carriers for the block; the removed layers are not skipped here.
+
+    Example:
+        >>> with patches_installed(model, healing):  # doctest: +SKIP
+        ...     evaluator.nll(healing.mask[None, :])     # the evaluator skips the layers
+    """
     layers = find_layers(model).layers
     like = next(model.parameters())
     installed = []
@@ -253,8 +265,7 @@ def healing_applied(model: nn.Module, healing: Healing) -> Iterator[nn.Module]:
         for span in healing.spans:
             install_patch(layers[span.carrier], healing.branch, span.patch(like))
             installed.append(span.carrier)
-        with skip_layers(model, healing.mask):
-            yield model
+        yield
     finally:
         for index in installed:
             remove_patch(layers[index], healing.branch)

@@ -1,0 +1,97 @@
+"""Heal-aware plans (``layershap plan --heal METHOD``, ``layershap run --heal METHOD``): the plan stage run again
+with every candidate measured after its training-free recovery (:mod:`layershap.pruning.heal_aware`: patches
+fitted in closed form on the healing's own calibration windows, the same ones ``layershap heal`` uses), so the
+plan is the best *healed* set. Its stores and ``plans.json`` go to ``<out>/heal-<method>/``; the unhealed plans
+of ``<out>/plans.json`` are recorded beside it (``unhealed``).
+
+Example:
+    >>> doc = run_healed_plans(session, text="builtin", method="linear", out=Path("runs/g"), ks=[2, 4])  # doctest: +SKIP
+    >>> print(format_healed(doc))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from layershap.core.defaults import HEAL_SEQ_LEN, HEAL_WINDOWS
+from layershap.core.jsonio import write_json
+from layershap.oracle.session import OracleSession
+from layershap.oracle.store import DatasetStore
+from layershap.oracle.text import load_text, make_windows
+from layershap.pruning.budget import PlanBudget
+from layershap.pruning.heal_aware import HealedEvaluator, SpanFitter
+
+from .plans import PLANS_FILE, format_plans, read_plans, run_plans
+
+
+def heal_folder(out: Path, method: str) -> Path:
+    """``<out>/heal-<method>`` (``lowrank:64`` -> ``heal-lowrank64``).
+
+    Example:
+        >>> heal_folder(Path("runs/g"), "lowrank:64").as_posix()
+        'runs/g/heal-lowrank64'
+    """
+    return Path(out) / f"heal-{method.replace(':', '')}"
+
+
+def healed_session(session: OracleSession, *, text: str, method: str, out: Path, seed: int = 0,
+                   batch_size: int = 4) -> OracleSession:
+    """The session measuring after ``method``'s recovery: its own store at ``<folder>/dataset.zarr`` (identity:
+    the session's plus the healing), evaluators wrapped in :class:`~layershap.pruning.heal_aware.HealedEvaluator`.
+    The fit windows are ``layershap heal``'s defaults on ``text`` (16 x 256 tokens, ``seed``)."""
+    loaded = session.loaded
+    windows = make_windows(loaded.tokenizer, load_text(text).text, HEAL_WINDOWS, HEAL_SEQ_LEN, seed)
+    fitter = SpanFitter(loaded.model, windows, method, batch_size=batch_size)
+    if session.evaluator.utility == "kl":
+        session.evaluator.reference()  # the dense distributions, before any patch is installed
+
+    def wrap(evaluator):
+        if evaluator.utility == "kl":
+            evaluator.reference()
+        return HealedEvaluator(evaluator, fitter)
+
+    identity = {**session.store.identity, "heal": fitter.identity()}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    store = DatasetStore.create_or_open(folder / "dataset.zarr", identity, session.store.windows)
+    return dataclasses.replace(session, store=store, evaluator=wrap(session.evaluator), heal=fitter.identity(),
+                               wrap=wrap)
+
+
+def run_healed_plans(session: OracleSession, *, text: str, method: str, out: Path, ks: list[int] | None = None,
+                     budget: PlanBudget | None = None, total_tokens: int | None = None, seed: int = 0,
+                     batch_size: int = 4, cache_mb: int | None = None, progress: bool = True) -> dict:
+    """:func:`~layershap.pipeline.plans.run_plans` on :func:`healed_session` into :func:`heal_folder`; the
+    document gains ``heal`` (method, fit windows and tokens) and ``unhealed`` (``<out>/plans.json``'s sets)."""
+    folder = heal_folder(out, method)
+    healed = healed_session(session, text=text, method=method, out=folder, seed=seed, batch_size=batch_size)
+    try:
+        doc = run_plans(healed, text=text, out=folder, ks=ks, budget=budget, total_tokens=total_tokens, seed=seed,
+                        batch_size=batch_size, cache_mb=cache_mb, progress=progress)
+    finally:
+        healed.store.close()
+    unhealed_path = Path(out) / PLANS_FILE
+    if unhealed_path.is_file():
+        doc["unhealed"] = {str(p["k"]): p["removed"] for p in read_plans(unhealed_path)["plans"]}
+    doc["heal"] = {"method": method, "identity": healed.heal, "fit_windows": HEAL_WINDOWS,
+                   "fit_seq_len": HEAL_SEQ_LEN, "text": text}
+    write_json(folder / PLANS_FILE, doc)
+    return doc
+
+
+def format_healed(doc: dict, names: list[str] | None = None) -> str:
+    """The healed plan table, and per K the healed plan against the unhealed one.
+
+    Example:
+        >>> print(format_healed(read_plans("runs/g/heal-linear")))  # doctest: +SKIP
+    """
+    lines = [f"healed with {doc['heal']['method']} (fitted on {doc['heal']['fit_windows']} x "
+             f"{doc['heal']['fit_seq_len']} tokens of {doc['heal']['text']}): " + format_plans(doc, names=names)]
+    unhealed = doc.get("unhealed") or {}
+    for p in doc["plans"]:
+        other = unhealed.get(str(p["k"]))
+        if other is not None:
+            same = "the same set" if sorted(other) == sorted(p["removed"]) else f"unhealed plan {other}"
+            lines.append(f"  K = {p['k']}: healed plan {p['removed']}, {same}")
+    return "\n".join(lines)
