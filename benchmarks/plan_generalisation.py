@@ -16,7 +16,8 @@ texts. Printed per model and K: each method's sets per seed and, per held-out te
 best peer's (geometric mean over seeds; the worst seed in brackets), and for the planted models the ratio to the
 held-out optimum (brute force over every set of K <= 2).
 
-Rows are cached in stores under ``--data`` so a rerun only measures what is missing.
+Rows are cached in stores under ``--data`` so a rerun only measures what is missing; each model's table is written
+to ``--data/report-<model>.txt`` (and ``.json``).
 
 Example:
     $ python benchmarks/plan_generalisation.py --models planted32,planted48 --seeds 0,1,2     # minutes
@@ -165,9 +166,9 @@ def main() -> None:
         report["models"][name] = {"rows": rows, "tokens": {f"{s}-{u}": t for (s, u), t in tokens.items()},
                                   "lines": lines}
     args.data.mkdir(parents=True, exist_ok=True)
-    (args.data / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.data / "report.txt").write_text("\n\n".join("\n".join(m["lines"]) for m in report["models"].values())
-                                          + "\n")
+    for name, model in report["models"].items():  # one report per model, so runs of other models keep theirs
+        (args.data / f"report-{name}.json").write_text(json.dumps(model, indent=2) + "\n")
+        (args.data / f"report-{name}.txt").write_text("\n".join(model["lines"]) + "\n")
     print(f"{time.perf_counter() - started:.0f} s")
 
 
