@@ -20,6 +20,7 @@ from layershap.oracle.evaluate import MaskedEvaluator
 from layershap.oracle.session import open_session
 from layershap.oracle.store import DatasetStore
 from layershap.oracle.text import load_text, make_windows
+from layershap.pipeline.heal_plans import heal_fit_windows
 from layershap.pruning.heal import fit_healing, healing_applied
 from layershap.pruning.heal_aware import HealedEvaluator, SpanFitter
 
@@ -120,14 +121,25 @@ def test_plan_with_heal_writes_healed_plans_in_stores_of_their_own(tmp_path, cap
     doc = json.loads((out / "heal-linear" / "plans.json").read_text())
     unhealed = json.loads((out / "plans.json").read_text())
     assert doc["unhealed"] == {str(p["k"]): p["removed"] for p in unhealed["plans"]}
-    assert doc["heal"]["method"] == "linear" and doc["heal"]["fit_windows"] == 16
+    assert doc["heal"]["method"] == "linear" and doc["heal"]["fit_windows"] * doc["heal"]["fit_seq_len"] >= 4096
     store = DatasetStore.open(out / "heal-linear" / "dataset.zarr")
     assert store.attrs["heal"].startswith("linear;")
     session = open_session(model=str(model_dir), text="builtin", masks="loo", out=out / "dataset.zarr",
                            windows=2, seq_len=16)
     with session:
-        model, tok = session.loaded.model, session.loaded.tokenizer
-        fit = make_windows(tok, load_text("builtin").text, 16, 256, 0)
+        model = session.loaded.model
+        fit = heal_fit_windows(session, text="builtin", seed=0, n_blocks=doc["budget"]["max_blocks"])
+        assert fit.shape[0] * (fit.shape[1] - 1) >= 16 * 256
+        # the fit text is in no calibration window and no decision block: of their 12-token runs, next to none
+        # recurs in the fit windows (overlapping windows would share most; the text repeats a few runs)
+        def runs(windows: np.ndarray) -> set:
+            return {tuple(r[i:i + 12]) for r in windows for i in range(1, len(r) - 12)}
+
+        blocks = [DatasetStore.open(out / f"decision-{b}.zarr").windows for b in range(len(doc["decision"]["blocks"]))]
+        for windows in [store.windows, *blocks]:
+            assert len(runs(fit) & runs(windows)) <= 0.05 * len(runs(windows))
+        overlapping = make_windows(session.loaded.tokenizer, load_text("builtin").text, 16, 256, 0)
+        assert len(runs(overlapping) & runs(store.windows)) > 0.05 * len(runs(store.windows))  # the check can fail
         for p in doc["plans"]:
             reference = _reference(model, fit, p["removed"])
             with healing_applied(model, reference):
