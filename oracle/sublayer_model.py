@@ -120,6 +120,17 @@ class _SublayerConfigMixin:
         return view
 
 
+class SublayerCache(DynamicCache):
+    """A ``DynamicCache`` that reads the sequence length from the first layer keeping a cache: a layer without
+    attention holds a ``DummyLayer`` slot, which tracks none (transformers 5.25 asks layer 0 only)."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx < len(self.layers) and not hasattr(self.layers[layer_idx], "get_seq_length"):
+            layer_idx = next((i for i, layer in enumerate(self.layers) if hasattr(layer, "get_seq_length")),
+                             len(self.layers))
+        return super().get_seq_length(layer_idx)
+
+
 class _SublayerModelMixin:
     """Builds the standard architecture, then makes the listed layers partial."""
 
@@ -128,7 +139,7 @@ class _SublayerModelMixin:
                        list(getattr(self.config, "layershap_no_mlp", []) or []))
 
     def _own_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config.cache_config_view)
+        return SublayerCache(config=self.config.cache_config_view)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
