@@ -167,8 +167,9 @@ def open_validation(session: OracleSession, *, text: str, out: str | Path, windo
         >>> val = open_validation(session, text="builtin", out="runs/x/validation.zarr", windows=4, seq_len=128, seed=0)  # doctest: +SKIP
         >>> val.loss(masks)  # doctest: +SKIP
     """
-    token_windows = validation_windows(session.loaded.tokenizer, load_text(text).text, windows, seq_len, seed)
-    return _block_oracle(session, load_text(text).text_id, Path(out), token_windows, seq_len, batch_size, cache_mb,
+    calibration = load_text(text)
+    token_windows = validation_windows(session.loaded.tokenizer, calibration.text, windows, seq_len, seed)
+    return _block_oracle(session, calibration.text_id, Path(out), token_windows, seq_len, batch_size, cache_mb,
                          progress, "validation windows")
 
 

@@ -70,12 +70,8 @@ def healed_session(session: OracleSession, *, text: str, method: str, out: Path,
     loaded = session.loaded
     windows = heal_fit_windows(session, text=text, seed=seed, n_blocks=n_blocks)
     fitter = SpanFitter(loaded.model, windows, method, batch_size=batch_size)
-    if session.evaluator.utility == "kl":
-        session.evaluator.reference()  # the dense distributions, before any patch is installed
 
     def wrap(evaluator):
-        if evaluator.utility == "kl":
-            evaluator.reference()
         return HealedEvaluator(evaluator, fitter)
 
     identity = {**session.store.identity, "heal": fitter.identity()}

@@ -140,6 +140,8 @@ class HealedEvaluator:
     def __init__(self, evaluator: MaskedEvaluator, fitter: SpanFitter) -> None:
         if evaluator.players != "blocks":
             raise LayershapError("heal-aware plans work on whole blocks; drop --heal for --players sublayers")
+        if evaluator.utility == "kl":
+            evaluator.reference()  # the dense distributions, before any patch is installed
         self.inner, self.fitter = evaluator, fitter
 
     def __getattr__(self, name: str):  # n_layers, n_windows, n_tokens, utility, device, players, top_k, ...
